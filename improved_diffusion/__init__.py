@@ -1,0 +1,1 @@
+"""Flexible video diffusion: train one model, sample long videos many ways."""
