@@ -1,0 +1,137 @@
+"""Which frames a training example shows the model, and at which noise levels.
+
+FDM trains one network for every sampling scheme by drawing, per video, a random set of
+latent frames and a random set of observed frames (at most `max_frames` together), each
+set an evenly spaced run with a log-uniform spacing, then padding the example to
+`max_frames` with random frames of another video. Diffusion Forcing instead gives every
+frame its own noise level. `noise_mode` chooses between them:
+
+- fdm: FDM's masks, one t for all latent frames of a video.
+- diffusion_forcing: every frame latent, each with an independent t.
+- mixed: FDM's masks; half of the examples give each latent frame its own t, and a
+  quarter give the observed frames a small noise level (so that stabilized sampling, which
+  shows generated frames as slightly noisy, is in distribution). Serves every scheme.
+
+Every random choice takes an explicit numpy Generator, so a batch is a pure function of
+(seed, step, rank) and a resumed run repeats it exactly.
+"""
+
+import numpy as np
+import torch
+
+NOISE_MODES = ("fdm", "diffusion_forcing", "mixed")
+MIXED_PER_FRAME_PROB = 0.5
+MIXED_NOISY_OBS_PROB = 0.25
+MAX_OBS_NOISE_FRACTION = 0.1  # observed frames get t < 10% of the chain in mixed mode
+
+
+def sample_some_indices(max_indices, T, rng):
+    """An evenly spaced run of 1..max_indices frame indices in [0, T), log-uniform spacing.
+
+    FDM's rule: s ~ U{1..max_indices}, spacing = exp(U * log(T / (s - 0.999))), start
+    uniform where the run fits; retried in the rare case truncation leaves [0, T).
+    """
+    while True:
+        s = int(rng.integers(1, max_indices + 1))
+        max_scale = T / (s - 0.999)
+        scale = np.exp(rng.random() * np.log(max_scale))
+        pos = rng.random() * (T - scale * (s - 1))
+        indices = [int(pos + i * scale) for i in range(s)]
+        if all(0 <= i < T for i in indices):
+            return indices
+
+
+def sample_masks(batch_size, T, max_frames, rng):
+    """Boolean obs and latent masks [B x T]: disjoint, at most max_frames frames together."""
+    obs = np.zeros((batch_size, T), dtype=bool)
+    latent = np.zeros((batch_size, T), dtype=bool)
+    for b in range(batch_size):
+        latent[b, sample_some_indices(max_frames, T, rng)] = True
+        while True:
+            target = obs if rng.random() < 0.5 else latent
+            indices = np.array(sample_some_indices(max_frames, T, rng))
+            indices = indices[~(obs[b, indices] | latent[b, indices])]
+            if len(indices) > max_frames - obs[b].sum() - latent[b].sum():
+                break
+            target[b, indices] = True
+    return obs, latent
+
+
+def gather_training_batch(videos, pad_videos, obs, latent, max_frames, rng):
+    """Select the chosen frames of each video and pad to max_frames.
+
+    videos, pad_videos: [B x T x C x H x W]; obs, latent: bool [B x T]. Returns a dict with
+    x [B x K x C x H x W], frame_indices [B x K] and float masks [B x K x 1 x 1 x 1].
+    Padding frames (from pad_videos, at random indices; pad_videos None disables padding)
+    are in neither mask: they attend only to each other and are denoised unconditionally.
+    """
+    B, T = obs.shape
+    chosen = obs | latent
+    K = max_frames if pad_videos is not None else int(chosen.sum(axis=1).max())
+    x = torch.zeros(B, K, *videos.shape[2:], dtype=videos.dtype)
+    frame_indices = torch.zeros(B, K, dtype=torch.long)
+    obs_mask = torch.zeros(B, K, 1, 1, 1)
+    latent_mask = torch.zeros(B, K, 1, 1, 1)
+    for b in range(B):
+        idx = np.flatnonzero(chosen[b])
+        n = len(idx)
+        x[b, :n] = videos[b, idx]
+        frame_indices[b, :n] = torch.from_numpy(idx)
+        obs_mask[b, :n, 0, 0, 0] = torch.from_numpy(obs[b, idx].astype(np.float32))
+        latent_mask[b, :n, 0, 0, 0] = torch.from_numpy(latent[b, idx].astype(np.float32))
+        if n < K and pad_videos is not None:
+            pad_idx = rng.integers(0, T, size=K - n)
+            x[b, n:] = pad_videos[b, pad_idx]
+            frame_indices[b, n:] = torch.from_numpy(pad_idx)
+    return {"x": x, "frame_indices": frame_indices, "obs_mask": obs_mask, "latent_mask": latent_mask}
+
+
+def sample_timesteps(noise_mode, batch_size, num_frames, num_timesteps, rng):
+    """Training timesteps: [B] (one per video) or [B x K] (one per frame), long."""
+    if noise_mode == "fdm":
+        return torch.from_numpy(rng.integers(0, num_timesteps, size=batch_size))
+    if noise_mode in ("diffusion_forcing", "mixed"):
+        return torch.from_numpy(rng.integers(0, num_timesteps, size=(batch_size, num_frames)))
+    raise ValueError(f"Unknown noise_mode '{noise_mode}'; choose one of {', '.join(NOISE_MODES)}.")
+
+
+def training_example(videos, pad_videos, max_frames, noise_mode, num_timesteps, rng):
+    """Everything one training step needs, for any noise mode.
+
+    Returns dict(x, frame_indices, obs_mask, latent_mask, t, noisy_obs): `t` is [B] or
+    [B x K]; `noisy_obs` [B x K x 1 x 1 x 1] marks observed frames that must be shown
+    noised to their own t (mixed mode only).
+    """
+    B, T = videos.shape[:2]
+    if noise_mode == "diffusion_forcing":
+        K = min(max_frames, T)
+        starts = rng.integers(0, T - K + 1, size=B)
+        obs = np.zeros((B, T), dtype=bool)
+        latent = np.zeros((B, T), dtype=bool)
+        for b, s in enumerate(starts):
+            latent[b, s:s + K] = True
+        batch = gather_training_batch(videos, None, obs, latent, K, rng)
+        batch["t"] = sample_timesteps(noise_mode, B, K, num_timesteps, rng)
+        batch["noisy_obs"] = torch.zeros_like(batch["obs_mask"])
+        return batch
+
+    obs, latent = sample_masks(B, T, max_frames, rng)
+    batch = gather_training_batch(videos, pad_videos, obs, latent, max_frames, rng)
+    K = batch["x"].shape[1]
+    if noise_mode == "fdm":
+        batch["t"] = sample_timesteps("fdm", B, K, num_timesteps, rng)
+        batch["noisy_obs"] = torch.zeros_like(batch["obs_mask"])
+        return batch
+    if noise_mode != "mixed":
+        raise ValueError(f"Unknown noise_mode '{noise_mode}'; choose one of {', '.join(NOISE_MODES)}.")
+    per_video = rng.integers(0, num_timesteps, size=(B, 1)).repeat(K, axis=1)
+    per_frame = rng.integers(0, num_timesteps, size=(B, K))
+    use_per_frame = rng.random(B) < MIXED_PER_FRAME_PROB
+    t = np.where(use_per_frame[:, None], per_frame, per_video)
+    noisy_obs = rng.random(B) < MIXED_NOISY_OBS_PROB
+    small = rng.integers(0, max(1, int(MAX_OBS_NOISE_FRACTION * num_timesteps)), size=(B, K))
+    is_obs = batch["obs_mask"].view(B, K).numpy() > 0
+    t = np.where(is_obs & noisy_obs[:, None], small, t)
+    batch["t"] = torch.from_numpy(t)
+    batch["noisy_obs"] = batch["obs_mask"] * torch.from_numpy(noisy_obs.astype(np.float32)).view(B, 1, 1, 1, 1)
+    return batch
