@@ -1,0 +1,96 @@
+"""A tiny model trained, sampled past its frame window and turned into mp4, through the
+real command-line scripts, as a new user runs them."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_MODEL = ["--image_size", "16", "--num_channels", "32", "--channel_mult", "1,2", "--attention_resolutions", "8",
+              "--num_heads", "2", "--max_frames", "4", "--batch_size", "2", "--diffusion_steps", "100"]
+
+
+def run_script(name, *args, cwd, check=True):
+    env = dict(os.environ, WANDB_MODE="disabled", PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / name), *map(str, args)], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{name} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    work = tmp_path_factory.mktemp("e2e")
+    run_script("video_train.py", *TINY_MODEL, "--max_steps", 4, "--save_interval", 2, "--log_interval", 2,
+               "--checkpoint_dir", work / "ckpt", "--wandb_id", "tiny", cwd=work)
+    return work, work / "ckpt" / "tiny"
+
+
+def test_training_writes_every_checkpoint_file(trained_run):
+    _, run_dir = trained_run
+    names = set(os.listdir(run_dir))
+    for step in (2, 4):
+        assert {f"model{step:06d}.pt", f"ema_0.9999_{step:06d}.pt", f"opt{step:06d}.pt"} <= names
+    data = torch.load(run_dir / "ema_0.9999_000004.pt", weights_only=True)
+    assert data["step"] == 4 and data["config"]["image_size"] == 16 and data["config"]["wandb_id"] == "tiny"
+
+
+def test_sample_longer_than_the_window_and_make_mp4(trained_run):
+    work, run_dir = trained_run
+    eval_dir = work / "eval"
+    run_script("video_sample.py", run_dir / "ema_0.9999_000004.pt", "--sampling_scheme", "autoreg", "--n_obs", 2,
+               "--T", 16, "--max_latent_frames", 2, "--stop_index", 2, "--timestep_respacing", 5,
+               "--eval_dir", eval_dir, cwd=work)
+    samples = sorted((eval_dir / "samples").glob("*.npy"))
+    assert [p.name for p in samples] == ["sample_0000-0.npy", "sample_0001-0.npy"]
+    video = np.load(samples[0])
+    assert video.shape == (16, 3, 16, 16) and video.dtype == np.uint8  # 4x the 4-frame window
+
+    from improved_diffusion.video_datasets import get_dataset
+
+    given = get_dataset("bouncing_balls", split="test", T=2, image_size=16).video(0)
+    expected = ((given + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
+    assert np.array_equal(video[:2], expected)  # observed frames are the dataset's, unchanged
+
+    run_script("video_make_mp4.py", "--eval_dir", eval_dir, cwd=work)
+    mp4 = eval_dir / "videos" / "sample_0000-0.mp4"
+    assert mp4.stat().st_size > 1000 and (eval_dir / "videos" / "sample_0000-0.gif").exists()
+    import imageio.v3 as iio
+
+    frames = iio.imread(mp4)
+    assert frames.shape[0] == 16
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--dataset", "no_such_dataset"], "no_such_dataset"),
+    (["--noise_mode", "sideways"], "noise_mode"),
+])
+def test_training_errors_are_one_sentence(tmp_path, args, message):
+    proc = run_script("video_train.py", *TINY_MODEL, "--max_steps", 1, "--checkpoint_dir", tmp_path, *args,
+                      cwd=tmp_path, check=False)
+    assert proc.returncode == 2
+    assert message in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--n_obs", 16, "--T", 16], "n_obs"),
+    (["--max_latent_frames", 4, "--max_frames", 4], "max_latent_frames"),
+])
+def test_sampling_errors_are_one_sentence(trained_run, args, message):
+    work, run_dir = trained_run
+    proc = run_script("video_sample.py", run_dir / "ema_0.9999_000004.pt", *args, cwd=work, check=False)
+    assert proc.returncode == 2
+    assert message in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_sampling_a_missing_or_wrong_checkpoint_is_one_sentence(trained_run):
+    work, run_dir = trained_run
+    for path, message in ((work / "nope.pt", "does not exist"), (run_dir / "opt000004.pt", "not a model")):
+        proc = run_script("video_sample.py", path, cwd=work, check=False)
+        assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
