@@ -565,7 +565,12 @@ def plan_stages(name, T, n_obs, K, S, optimal_schedule_path=None):
 # Registry names -> settings on the two axes (frame plan x within-stage noise schedule).
 # Every plan name is a preset with FDM's behaviour: full_sequence, no stabilization, no chunking.
 # chunk_size None means "the step size", which defaults to max_frames // 2 (FDM's default).
-# stabilization_level 15 is Diffusion Forcing's df_video setting; uncertainty_scale 1 its default.
+# The two Diffusion Forcing presets roll out a sliding window of max_frames frames with stabilization:
+# - df-pyramid: max_frames // 2 new frames per stage, pyramid schedule with uncertainty_scale 1 (DF's
+#   default), stabilization_level 15 (DF's df_video setting: generated context frames are shown to the
+#   model noised to timestep 14 of the 1000-step training chain);
+# - stabilized-autoreg: one new frame per stage, all noise levels falling together, stabilization 15.
+# stabilization_level counts training-chain steps, as in Diffusion Forcing (see video_sampler.py).
 presets = {
     name: dict(plan=name, noise_schedule="full_sequence", uncertainty_scale=1.0, stabilization_level=0,
                chunk_size=None if name == "sliding-window" else 0)

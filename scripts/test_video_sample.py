@@ -1,0 +1,195 @@
+"""Tests for scripts/video_sample.py on a tiny random checkpoint: every preset and some plan x schedule
+combinations end to end, reproducibility across batch splits, --just_visualise, and one-line errors."""
+
+import dataclasses
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+
+from improved_diffusion.sampling_schemes import presets
+from improved_diffusion.script_util import DiffusionConfig, ModelConfig, create_model
+from improved_diffusion.video_datasets import get_dataset
+
+SCRIPTS = Path(__file__).resolve().parent
+
+
+def load_script(name):
+    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+video_sample = load_script("video_sample")
+video_schedule = load_script("video_schedule")
+
+T, K, SIZE = 12, 6, 16  # default plan: max_latent_frames K // 2 = 3, n_obs = 3
+
+
+@pytest.fixture(scope="module", autouse=True)
+def process_group():
+    """video_sample.main sets up a (single-process) process group; remove it again after these tests."""
+    was_initialized = dist.is_initialized()
+    env = {k: os.environ.get(k) for k in ("MASTER_ADDR", "MASTER_PORT")}
+    yield
+    if dist.is_initialized() and not was_initialized:
+        dist.destroy_process_group()
+    for k, v in env.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A tiny model with random weights everywhere, saved as script_util.load_checkpoint reads it."""
+    model_cfg = ModelConfig(image_size=SIZE, num_channels=32, channel_mult="1,2", attention_resolutions="8")
+    torch.manual_seed(0)
+    model = create_model(model_cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            if not p.any():  # zero-initialised output layers would make every sample trivial
+                p.normal_(0, 0.05)
+    config = {**dataclasses.asdict(model_cfg), **dataclasses.asdict(DiffusionConfig(diffusion_steps=100)),
+              "dataset": "bouncing_balls", "T": T, "max_frames": K}
+    path = tmp_path_factory.mktemp("run") / "ema_0.9999_000000.pt"
+    torch.save({"config": config, "state_dict": model.state_dict(), "step": 0}, path)
+    return str(path)
+
+
+def run(capsys, *argv):
+    code = video_sample.cli([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def sample_and_check(capsys, checkpoint, eval_dir, *argv, videos=1):
+    """Run the script on the first `videos` test videos and check what it writes; returns the samples."""
+    code, _, err = run(capsys, checkpoint, "--timestep_respacing", "4", "--stop_index", videos,
+                       "--eval_dir", eval_dir, *argv)
+    assert code == 0, err
+    config = json.loads((Path(eval_dir) / "sampling_config.json").read_text())
+    n_obs, length = config["n_obs"], config["T"]
+    data = get_dataset("bouncing_balls", split="test", T=n_obs, image_size=SIZE)
+    samples = []
+    for i in range(videos):
+        sample = np.load(Path(eval_dir) / "samples" / f"sample_{i:04d}-0.npy")
+        assert sample.shape == (length, 3, SIZE, SIZE) and sample.dtype == np.uint8
+        assert np.array_equal(sample[:n_obs], data.frames(i)[:n_obs].transpose(0, 3, 1, 2))
+        assert sample[n_obs:].std() > 0
+        samples.append(sample)
+    return samples
+
+
+@pytest.mark.parametrize("name", list(presets))
+def test_every_preset_runs(capsys, tmp_path, checkpoint, name):
+    extra = []
+    if name == "optimal":  # observe the two newest frames at every stage
+        schedule = {str(s): [3 * s + 1, 3 * s + 2] for s in range(3)}
+        (tmp_path / "optimal.json").write_text(json.dumps(schedule))
+        extra = ["--optimality", tmp_path / "optimal.json"]
+    sample_and_check(capsys, checkpoint, tmp_path / "out", "--sampling_scheme", name, *extra)
+
+
+@pytest.mark.parametrize("argv", [
+    ["--sampling_scheme", "hierarchy-2", "--noise_schedule", "pyramid"],
+    ["--sampling_scheme", "long-range", "--noise_schedule", "trapezoid", "--uncertainty_scale", "2"],
+    ["--sampling_scheme", "autoreg", "--noise_schedule", "autoregressive", "--stabilization_level", "10"],
+    ["--sampling_scheme", "adaptive-hierarchy-2", "--noise_schedule", "pyramid", "--use_ddim", "True",
+     "--sampling_steps", "2"],
+    ["--sampling_scheme", "autoreg", "--chunk_size", "2", "--stabilization_level", "15", "--T", "60"],
+], ids=["hierarchy2-pyramid", "long-range-trapezoid", "autoreg-autoregressive", "adaptive-ddim",
+        "stabilized-10x-window"])
+def test_plans_compose_with_schedules(capsys, tmp_path, checkpoint, argv):
+    sample_and_check(capsys, checkpoint, tmp_path / "out", *argv)
+    config = json.loads((tmp_path / "out" / "sampling_config.json").read_text())
+    if "--noise_schedule" in argv:
+        assert config["settings"]["noise_schedule"] == argv[argv.index("--noise_schedule") + 1]
+    if "--chunk_size" in argv:
+        assert (config["plan"], config["step_size"]) == ("sliding-window", 2)
+
+
+def test_samples_do_not_depend_on_batching_and_reruns_skip(capsys, tmp_path, checkpoint):
+    """Batch size 2, batch size 1, and another split of the indices give the same files."""
+    argv = ["--sampling_scheme", "hierarchy-2", "--noise_schedule", "pyramid", "--stabilization_level", "5"]
+    together = sample_and_check(capsys, checkpoint, tmp_path / "b2", *argv, "--batch_size", 2, videos=2)
+    alone = sample_and_check(capsys, checkpoint, tmp_path / "b1", *argv, "--batch_size", 1, videos=2)
+    assert all(np.array_equal(a, b) for a, b in zip(together, alone))
+    assert not np.array_equal(together[0][3:], together[1][3:])
+    code, _, _ = run(capsys, checkpoint, "--timestep_respacing", "4", "--start_index", 1, "--stop_index", 2,
+                     "--eval_dir", tmp_path / "split", *argv)
+    assert code == 0
+    assert np.array_equal(np.load(tmp_path / "split" / "samples" / "sample_0001-0.npy"), together[1])
+
+    # A second run leaves existing samples alone.
+    path = tmp_path / "b2" / "samples" / "sample_0000-0.npy"
+    np.save(path, np.zeros(1, dtype=np.uint8))
+    code, _, err = run(capsys, checkpoint, "--timestep_respacing", "4", "--stop_index", 2, "--eval_dir",
+                       tmp_path / "b2", *argv, "--batch_size", 2)
+    assert code == 0 and "0 of 2 videos" in err
+    assert np.load(path).shape == (1,)
+
+
+@pytest.fixture
+def no_model_loading(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(video_sample, "load_checkpoint", refuse)
+
+
+def test_just_visualise_draws_the_same_png_as_video_schedule(capsys, tmp_path, checkpoint, no_model_loading):
+    code, out, err = run(capsys, checkpoint, "--just_visualise", "--sampling_scheme", "hierarchy-2",
+                         "--noise_schedule", "pyramid", "--eval_dir", tmp_path / "vis")
+    assert code == 0, err
+    assert out.strip() == str(tmp_path / "vis" / "plan.png")
+    assert video_schedule.main(["--sampling_scheme", "hierarchy-2", "--T", str(T), "--n_obs", "3", "--max_frames",
+                                str(K), "--format", "png", "--out", str(tmp_path / "ref.png")]) == 0
+    assert (tmp_path / "vis" / "plan.png").read_bytes() == (tmp_path / "ref.png").read_bytes()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--n_obs", "12"], "n_obs must be between 0 and T - 1"),
+    (["--max_latent_frames", "6"], "must be smaller than max_frames"),
+    (["--chunk_size", "6"], "must be smaller than max_frames"),
+    (["--sampling_scheme", "hierarchy-2", "--max_frames", "3", "--max_latent_frames", "2"], "max_frames >= 4"),
+    (["--sampling_scheme", "hierarchy-4", "--max_frames", "4", "--max_latent_frames", "2"], "cannot fit frames"),
+    (["--sampling_scheme", "optimal", "--optimality", "no/such/file.pt"], "does not exist"),
+    (["--sampling_scheme", "hierarchy-2", "--chunk_size", "2"], "chunk_size applies to"),
+    (["--sampling_steps", "2", "--timestep_respacing", "4"], "only DDIM"),
+    (["--sampling_steps", "8", "--timestep_respacing", "4"], "sampling_steps must be between"),
+    (["--just_visualise", "--sampling_scheme", "adaptive-autoreg"], "cannot be drawn"),
+    (["--sampling_scheme", "nope"], "df-pyramid"),  # argparse names the valid choices
+    (["--noise_schedule", "nope"], "trapezoid"),
+])
+def test_impossible_settings_fail_before_loading_the_model(capsys, checkpoint, no_model_loading, argv, message):
+    try:
+        code, _, err = run(capsys, checkpoint, *argv)
+    except SystemExit as e:  # argparse
+        code, err = e.code, capsys.readouterr().err
+    assert code == 2 and message in err and err.count("\n") == 1 and "Traceback" not in err, err
+
+
+def test_wrong_files_fail_in_one_line(capsys, tmp_path):
+    torch.save(torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=0.1).state_dict(), tmp_path / "opt000010.pt")
+    (tmp_path / "notes.pt").write_text("not a checkpoint")
+    for path, message in [(tmp_path / "missing.pt", "does not exist"), (tmp_path / "opt000010.pt", "optimizer state"),
+                          (tmp_path / "notes.pt", "could not be read")]:
+        code, _, err = run(capsys, path)
+        assert code == 2 and message in err and err.count("\n") == 1, err
+
+
+def test_script_exits_2_without_traceback(tmp_path):
+    result = subprocess.run([sys.executable, str(SCRIPTS / "video_sample.py"), str(tmp_path / "missing.pt")],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr == f"video_sample.py: error: Checkpoint '{tmp_path / 'missing.pt'}' does not exist.\n"
