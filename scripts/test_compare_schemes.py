@@ -1,0 +1,153 @@
+"""Tests for scripts/compare_schemes.py end to end on a tiny random checkpoint: the report, its
+images, the recorded cost, resuming, one-line errors, and sharing the work between MPI ranks."""
+
+import dataclasses
+import importlib.util
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from improved_diffusion.noise_schedules import noise_levels
+from improved_diffusion.report import scheme_stages
+from improved_diffusion.script_util import DiffusionConfig, ModelConfig, create_model
+
+SCRIPTS = Path(__file__).resolve().parent
+MPIEXEC = Path(sys.executable).parent / "mpiexec"
+SCHEMES = ["autoreg", "df-pyramid"]
+ARGS = ["--schemes", ",".join(SCHEMES), "--n_videos", "2", "--T", "8", "--timestep_respacing", "4"]
+
+
+def load_script(name):
+    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+compare_schemes = load_script("compare_schemes")
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A tiny UNet with random weights, saved as script_util.load_checkpoint reads it."""
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model_cfg = ModelConfig(image_size=16, num_channels=32, channel_mult="1,2", attention_resolutions="8", num_heads=2)
+    model = create_model(model_cfg)
+    config = {**dataclasses.asdict(model_cfg), **dataclasses.asdict(DiffusionConfig(diffusion_steps=100)),
+              "dataset": "bouncing_balls", "T": 16, "max_frames": 4}
+    path = tmp_path_factory.mktemp("run") / "ema_0.9999_000000.pt"
+    torch.save({"config": config, "state_dict": model.state_dict(), "step": 0}, path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def compared(checkpoint, tmp_path_factory):
+    """One comparison of two schemes on two videos, shared by the tests that only read it."""
+    out_dir = tmp_path_factory.mktemp("compare")
+    code = compare_schemes.cli([checkpoint, *ARGS, "--out_dir", str(out_dir)])
+    assert code == 0
+    return out_dir
+
+
+def run(capsys, *argv):
+    code = compare_schemes.cli([str(a) for a in argv])
+    return code, *capsys.readouterr()
+
+
+def plan_nfe(eval_dir):
+    """Network evaluations per video from the plan: the sum over stages of noise-level rows - 1."""
+    config = json.loads((eval_dir / "sampling_config.json").read_text())
+    stages = scheme_stages(config["sampling_scheme"], config["T"], config["n_obs"], config["max_frames"])
+    S = 4  # --timestep_respacing 4, no --sampling_steps
+    return sum(len(noise_levels(config["noise_schedule"], len(latent), S, config["uncertainty_scale"])) - 1
+               for _, latent in stages)
+
+
+def test_report_has_a_row_and_pictures_per_scheme(compared):
+    md = (compared / "report.md").read_text()
+    html = (compared / "report.html").read_text()
+    header = next(line for line in md.splitlines() if line.startswith("| scheme |"))
+    for scheme in SCHEMES:
+        row = next(line for line in md.splitlines() if line.startswith(f"| {scheme} |"))
+        assert row.count(" | ") == header.count(" | ")
+        assert f"<td>{scheme}</td>" in html
+        assert f"## Scheme {scheme}" in md and f"<h2>Scheme {scheme}</h2>" in html
+    for column in ("psnr", "ssim", "sampling s", "NFE / video"):
+        assert f" {column} |" in header
+    images = re.findall(r"!\[[^]]*\]\(([^)]+)\)", md)
+    assert sorted(images) == sorted(re.findall(r'<img src="([^"]+)"', html))
+    expected = {"plots/psnr.png", "plots/ssim.png"} | {f"{s}/{f}.png" for s in SCHEMES for f in ("plan", "strip")}
+    assert expected <= set(images)
+    for image in images:
+        with Image.open(compared / image) as png:
+            png.verify()
+    assert "LPIPS skipped" in md or "lpips |" in header
+
+
+def test_costs_are_recorded_and_nfe_matches_the_plan(compared):
+    runs = json.loads((compared / "runs.json").read_text())
+    for scheme in SCHEMES:
+        assert runs[scheme]["videos_sampled"] == 2 and runs[scheme]["sampling_seconds"] > 0
+        assert runs[scheme]["nfe_per_video"] == plan_nfe(compared / scheme)
+        metrics = json.loads((compared / scheme / "metrics.json").read_text())
+        assert metrics["n_videos"] == 2 and metrics["frames_compared"] == 8
+        assert metrics["per_frame"]["psnr"][:2] == [float("inf")] * 2  # the observed frames are copies
+    assert runs["autoreg"]["nfe_per_video"] == 12  # 3 stages x 4 steps
+    assert runs["df-pyramid"]["nfe_per_video"] == 15  # 3 stages x (4 steps + 1 lagging frame)
+
+
+def test_a_rerun_resumes_without_sampling_again(checkpoint, compared, capsys):
+    samples = sorted((compared / "autoreg" / "samples").iterdir())
+    stamps = [p.stat().st_mtime_ns for p in samples]
+    runs = (compared / "runs.json").read_text()
+    code, out, err = run(capsys, checkpoint, *ARGS, "--out_dir", compared)
+    assert code == 0, err
+    assert "0 of 2 videos" in err
+    assert [p.stat().st_mtime_ns for p in samples] == stamps
+    assert (compared / "runs.json").read_text() == runs
+    assert out.splitlines()[-2:] == [str(compared / "report.md"), str(compared / "report.html")]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--schemes", "autoreg,nope"], "Unknown sampling scheme 'nope'"),
+    (["--schemes", "autoreg,hierarchy-2", "--max_frames", "3", "--max_latent_frames", "2"],
+     "Scheme hierarchy-2: hierarchy-2 needs max_frames >= 4"),
+    (["--metrics", "psnr,fvd"], "FVD needs the I3D network"),
+    (["--metrics", "fvd", "--i3d_path", "i3d.pt", "--n_videos", "1"], "FVD needs at least 2 videos"),
+    (["--n_videos", "0"], "n_videos must be at least 1"),
+])
+def test_impossible_settings_fail_before_sampling(checkpoint, tmp_path, capsys, argv, message):
+    code, _, err = run(capsys, checkpoint, "--T", "8", *argv, "--out_dir", tmp_path / "out")
+    assert code == 2 and message in err and err.count("\n") == 1 and "Traceback" not in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_other_settings_in_the_same_out_dir_are_refused(checkpoint, compared, capsys):
+    code, _, err = run(capsys, checkpoint, *ARGS, "--T", "10", "--out_dir", compared)
+    assert code == 2 and "made with T=8, not 10" in err and err.count("\n") == 1, err
+
+
+@pytest.mark.skipif(not MPIEXEC.exists(), reason="no mpiexec beside the Python executable")
+def test_mpi_ranks_share_the_videos_and_give_the_same_samples(checkpoint, compared, tmp_path):
+    """Two ranks sample two videos (one each); the files equal the single-process ones."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([str(MPIEXEC), "-n", "2", sys.executable, str(SCRIPTS / "compare_schemes.py"), checkpoint,
+                             *ARGS[:1], "autoreg", *ARGS[2:], "--out_dir", str(tmp_path)],
+                            capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "rank 1: 1 of 1 videos" in result.stderr
+    for name in ("sample_0000-0.npy", "sample_0001-0.npy"):
+        assert np.array_equal(np.load(tmp_path / "autoreg" / "samples" / name),
+                              np.load(compared / "autoreg" / "samples" / name))
+    runs = json.loads((tmp_path / "runs.json").read_text())
+    assert runs["autoreg"]["world_size"] == 2 and runs["autoreg"]["nfe_per_video"] == 12
+    assert "| autoreg |" in (tmp_path / "report.md").read_text()
