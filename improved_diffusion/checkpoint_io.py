@@ -4,10 +4,13 @@ Each save writes `ema_<rate>_<step>.pt` for every EMA rate, then `model<step>.pt
 `opt<step>.pt`, each atomically (temporary name in the same directory, flush, fsync,
 rename; object stores such as gs:// make a blob visible only when its upload completes).
 A step is *complete* when all of its files exist, so `kill -9` at any moment leaves the
-newest complete step loadable and a half-written file is never picked.
+newest complete step loadable and a half-written file is never picked. `config.json`
+holds the run's configuration from its start, so a run can be resumed even before its
+first checkpoint. Paths may be local or blobfile URLs (gs://, az://).
 """
 
 import io
+import json
 import os
 import re
 import tempfile
@@ -16,25 +19,31 @@ import blobfile as bf
 import torch
 
 MODEL_RE = re.compile(r"^model(\d+)\.pt$")
+TMP_PREFIX = ".tmp-"
+CONFIG_NAME = "config.json"
 
 
 def is_local(path):
     return "://" not in str(path)
 
 
-def atomic_save(obj, path):
-    """torch.save to `path` so that readers see the old file, or the whole new one."""
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    data = buffer.getvalue()
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write_bytes(data, path):
+    """Write `data` to `path` so that readers see the old file, or the whole new one."""
     if not is_local(path):
         with bf.BlobFile(path, "wb") as f:
             f.write(data)
         return
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=directory)
+    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, dir=directory)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600 files; checkpoints are shared
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -42,7 +51,7 @@ def atomic_save(obj, path):
         os.replace(tmp, path)
         dir_fd = os.open(directory, os.O_RDONLY)
         try:
-            os.fsync(dir_fd)
+            os.fsync(dir_fd)  # make the rename itself survive a power cut
         finally:
             os.close(dir_fd)
     except BaseException:
@@ -51,12 +60,21 @@ def atomic_save(obj, path):
         raise
 
 
+def atomic_save(obj, path):
+    """torch.save to `path` atomically (see atomic_write_bytes)."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    atomic_write_bytes(buffer.getvalue(), path)
+
+
 def load(path):
+    """torch.load through blobfile, weights only: a checkpoint never executes code."""
     with bf.BlobFile(path, "rb") as f:
         return torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=True)
 
 
 def step_files(run_dir, step, ema_rates):
+    """Every file of one checkpoint step, in the order they are written."""
     names = [f"ema_{rate}_{step:06d}.pt" for rate in ema_rates] + [f"model{step:06d}.pt", f"opt{step:06d}.pt"]
     return [bf.join(run_dir, n) for n in names]
 
@@ -70,6 +88,14 @@ def complete_steps(run_dir, ema_rates):
     return [s for s in steps if all(bf.basename(p) in names for p in step_files(run_dir, s, ema_rates))]
 
 
+def newest_model_file(run_dir):
+    """Path of the model file with the largest step, or None (for runs without config.json)."""
+    if not bf.exists(run_dir):
+        return None
+    steps = [int(m.group(1)) for m in map(MODEL_RE.match, bf.listdir(run_dir)) if m]
+    return bf.join(run_dir, f"model{max(steps):06d}.pt") if steps else None
+
+
 def remove_old_steps(run_dir, ema_rates, keep_last):
     """Delete all but the newest `keep_last` complete steps (keep_last <= 0 keeps all)."""
     if keep_last <= 0:
@@ -78,3 +104,25 @@ def remove_old_steps(run_dir, ema_rates, keep_last):
         for path in step_files(run_dir, step, ema_rates):
             if bf.exists(path):
                 bf.remove(path)
+
+
+def remove_stale_temporaries(run_dir):
+    """Delete temporary files left by a process killed while saving (call when no one is saving)."""
+    if not is_local(run_dir) or not os.path.isdir(run_dir):
+        return
+    for name in os.listdir(run_dir):
+        if name.startswith(TMP_PREFIX):
+            os.unlink(os.path.join(run_dir, name))
+
+
+def write_run_config(run_dir, config):
+    atomic_write_bytes(json.dumps(config, indent=2, sort_keys=True).encode(), bf.join(run_dir, CONFIG_NAME))
+
+
+def read_run_config(run_dir):
+    """The run's config.json as a dict, or None when the run has none."""
+    path = bf.join(run_dir, CONFIG_NAME)
+    if not bf.exists(path):
+        return None
+    with bf.BlobFile(path, "rb") as f:
+        return json.loads(f.read())

@@ -1,7 +1,9 @@
-"""Training logs to stdout, a CSV file and wandb — from rank 0 only.
+"""Training logs to a CSV file and wandb, messages to stderr — from rank 0 only.
 
 wandb never blocks: without a login (no WANDB_API_KEY and no ~/.netrc entry) it runs
-offline, and WANDB_MODE (online / offline / disabled) is honoured when set.
+offline, and WANDB_MODE (online / offline / disabled) is honoured when set. A resumed
+offline run writes a new `offline-run-*-<id>` folder with the same id; `wandb sync` them
+in order to get one run.
 """
 
 import csv
@@ -43,15 +45,18 @@ class Logger:
         if self.enabled and wandb_mode() != "disabled":
             import wandb
 
+            # resume="allow" continues run `run_id` (online, or as a new offline segment with
+            # the same id that `wandb sync` appends to it).
             self.run = wandb.init(
                 project=os.environ.get("WANDB_PROJECT", project),
                 id=run_id,
                 resume="allow" if resume else None,
-                config=config,
                 mode=wandb_mode(),
                 dir=log_dir or None,
                 settings=wandb.Settings(silent=True, console="off"),
             )
+            if config:  # a resumed run may change housekeeping values such as max_steps
+                self.run.config.update(config, allow_val_change=True)
             self.run_id = self.run.id
 
     def logkv(self, key, value):
@@ -73,17 +78,35 @@ class Logger:
         return row
 
     def _write_csv(self, row):
-        fields = sorted(row)
-        new_file = not os.path.exists(self.csv_path)
-        if self.csv_fields is None and not new_file:
-            with open(self.csv_path) as f:
+        if self.csv_fields is None and os.path.exists(self.csv_path):
+            with open(self.csv_path, newline="") as f:
                 self.csv_fields = next(csv.reader(f), None)
-        if self.csv_fields is None or new_file:
-            self.csv_fields = fields
+        new_keys = sorted(set(row) - set(self.csv_fields or []))
+        if new_keys:  # a key seen for the first time: rewrite the file with a wider header
+            old_rows = []
+            if self.csv_fields and os.path.exists(self.csv_path):
+                with open(self.csv_path, newline="") as f:
+                    old_rows = list(csv.DictReader(f))
+            self.csv_fields = (self.csv_fields or []) + new_keys
             with open(self.csv_path, "w", newline="") as f:
-                csv.writer(f).writerow(fields)
+                writer = csv.DictWriter(f, self.csv_fields)
+                writer.writeheader()
+                writer.writerows(old_rows)
         with open(self.csv_path, "a", newline="") as f:
-            csv.DictWriter(f, self.csv_fields, extrasaction="ignore").writerow(row)
+            csv.DictWriter(f, self.csv_fields).writerow(row)
+
+    def forget_after(self, step):
+        """Drop CSV rows logged after `step` (a run resumed from that step logs them again)."""
+        if not self.csv_path or not os.path.exists(self.csv_path):
+            return
+        with open(self.csv_path, newline="") as f:
+            rows = list(csv.reader(f))
+        if not rows or "step" not in rows[0]:
+            return
+        column = rows[0].index("step")
+        kept = [rows[0]] + [r for r in rows[1:] if r[column] and float(r[column]) <= step]
+        with open(self.csv_path, "w", newline="") as f:
+            csv.writer(f).writerows(kept)
 
     def info(self, message):
         if self.enabled:
@@ -91,5 +114,5 @@ class Logger:
 
     def close(self):
         if self.run is not None:
-            self.run.finish(quiet=True)
+            self.run.finish()
             self.run = None
