@@ -13,7 +13,6 @@ per-frame metric.
 """
 
 import copy
-import functools
 import glob
 import json
 import math
@@ -27,7 +26,7 @@ import torch
 from . import cue_recall as cue
 from .metrics import MetricUnavailable, fvd, load_i3d, load_lpips, lpips_distance, psnr, ssim
 from .plots import plot_per_frame
-from .script_util import UserError, read_checkpoint_file
+from .script_util import UserError
 from .video_datasets import DATASETS, DatasetError, cached_copy, get_dataset, video_length
 
 METRICS = ("psnr", "ssim", "lpips", "fvd", "cue_recall")
@@ -74,27 +73,11 @@ def find_samples(eval_dir, max_videos=None):
 
 
 def data_seed(config):
-    """The seed that picked the dataset's videos when sampling (it matters for procedural datasets).
+    """The seed of the dataset's videos (procedural datasets); returns (seed, note or None).
 
-    video_sample.py draws its given frames with the checkpoint's training seed, so we read it from
-    the checkpoint's config unless the sampling config records it. Returns (seed, note or None).
+    Datasets do not depend on the training seed, so this is 0 unless a sampling config says otherwise.
     """
-    if "data_seed" in config:
-        return int(config["data_seed"]), None
-    spec = DATASETS.get(str(config.get("dataset")))
-    if spec is None or spec.kind != "procedural":
-        return 0, None  # file datasets do not depend on the seed
-    try:
-        return _checkpoint_seed(str(config["checkpoint"])), None
-    except (UserError, KeyError, TypeError, AttributeError, ValueError):
-        return 0, (f"the checkpoint {config.get('checkpoint')!r} could not be read to find the dataset seed; "
-                   "assumed seed 0")
-
-
-@functools.lru_cache(maxsize=4)
-def _checkpoint_seed(path):
-    """The training seed in a checkpoint's config; cached, as comparing schemes asks once per scheme."""
-    return int(read_checkpoint_file(path)["config"].get("seed", 0))
+    return int(config.get("data_seed", 0)), None
 
 
 def _stored_length(dataset, index):

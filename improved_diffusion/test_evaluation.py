@@ -55,13 +55,14 @@ def ground_truth(index, dataset="bouncing_balls", length=T, seed=SEED):
     return evaluation.to_uint8(video)
 
 
-def make_eval_dir(path, samples, dataset="bouncing_balls", n_obs=N_OBS, checkpoint_seed=SEED, **config):
+def make_eval_dir(path, samples, dataset="bouncing_balls", n_obs=N_OBS, data_seed=SEED, **config):
     """An eval dir as video_sample.py writes it; the checkpoint holds only the config the evaluation reads."""
     path = Path(path)
     (path / "samples").mkdir(parents=True)
     checkpoint = path / "model.pt"
-    torch.save({"config": {"seed": checkpoint_seed}, "state_dict": {}, "step": 0}, checkpoint)
+    torch.save({"config": {}, "state_dict": {}, "step": 0}, checkpoint)
     config = {"checkpoint": str(checkpoint), "dataset": dataset, "T": len(samples[0]), "n_obs": n_obs,
+              "data_seed": data_seed,
               "max_frames": 4, "image_size": SIZE, "sampling_scheme": "autoreg", **config}
     (path / "sampling_config.json").write_text(json.dumps(config))
     for i, sample in enumerate(samples):
@@ -120,15 +121,12 @@ def test_metrics_json_layout_and_plots(tmp_path):
             assert image.format == "PNG" and image.size[0] > 100
 
 
-def test_dataset_seed_comes_from_the_checkpoint(tmp_path, capsys):
-    """The samples continue seed-3 videos: with the checkpoint readable they match; without it, a note."""
+def test_dataset_seed_comes_from_the_sampling_config(tmp_path, capsys):
+    """The samples continue seed-3 videos: with data_seed 3 recorded they match; with seed 0, a note."""
     samples = [ground_truth(0)]
     assert evaluation.evaluate(make_eval_dir(tmp_path / "a", samples))["overall"]["psnr"] == math.inf
-    eval_dir = make_eval_dir(tmp_path / "b", samples)
-    (eval_dir / "model.pt").unlink()
-    result = evaluation.evaluate(eval_dir)
+    result = evaluation.evaluate(make_eval_dir(tmp_path / "b", samples, data_seed=0))
     assert result["overall"]["psnr"] < math.inf
-    assert any("assumed seed 0" in n for n in result["notes"])
     assert any("observed frames of 1 of 1 samples" in n for n in result["notes"])
 
 
@@ -153,7 +151,7 @@ def test_cue_recall_applies_to_its_dataset_only(tmp_path):
     length = 40  # longer than CUE_RETURN, and than the generator's default 32 frames
     assert length > CUE_RETURN
     samples = [ground_truth(i, "cue_recall", length, seed=0) for i in range(2)]
-    result = evaluation.evaluate(make_eval_dir(tmp_path / "cue", samples, "cue_recall", checkpoint_seed=0))
+    result = evaluation.evaluate(make_eval_dir(tmp_path / "cue", samples, "cue_recall", data_seed=0))
     assert result["metrics"] == ["psnr", "ssim", "lpips", "cue_recall"]
     assert result["overall"]["cue_recall"] == 1.0 and result["details"]["cue_recall"]["chance"] == 0.25
     result = evaluation.evaluate(make_eval_dir(tmp_path / "bb", [ground_truth(0)]), metrics="psnr,cue_recall")

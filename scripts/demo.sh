@@ -12,10 +12,12 @@ EVAL_DIR="results/demo/autoreg"
 start=$(date +%s)
 
 # A small model: 32x32 frames, 8-frame window, attention at 8x8 and in the middle block.
+# v-prediction with the cosine schedule learns far faster than epsilon with the linear one
+# in a few minutes of training: epsilon errors are amplified ~40x at mid-high noise.
 MODEL_FLAGS=(--dataset bouncing_balls --max_frames 8 --num_channels 32 --num_res_blocks 1
-             --channel_mult 1,2,2 --attention_resolutions 8)
+             --channel_mult 1,2,2 --attention_resolutions 8 --predict_v True --noise_schedule cosine)
 TRAIN_FLAGS=(--batch_size 4 --lr 5e-4 --ema_rate 0.995 --max_steps "$STEPS" --save_interval 500
-             --log_interval 50 --noise_mode mixed)
+             --log_interval 50 --noise_mode fdm)
 
 final=$(printf "%s/%s/ema_0.995_%06d.pt" "$CKPT_DIR" "$RUN_ID" "$STEPS")
 if [ ! -f "$final" ]; then

@@ -36,7 +36,8 @@ def main(args):
     gt_data = None
     if not args.no_ground_truth:
         try:
-            gt_data = get_dataset(config["dataset"], split="test", T=None, image_size=config["image_size"])
+            gt_data = get_dataset(config["dataset"], split="test", T=None, image_size=config["image_size"],
+                                  seed=int(config.get("data_seed", 0)))
         except DatasetError as e:
             print(f"warning: no ground truth ({e})", file=sys.stderr)
     for path in paths[: args.max_videos if args.max_videos > 0 else None]:

@@ -161,7 +161,7 @@ def main(args):
         model = one_video_at_a_time(model)
     dataset_name = args.dataset or config.get("dataset") or "bouncing_balls"
     image_size = int(config["image_size"])
-    data = get_dataset(dataset_name, split="test", T=max(n_obs, 1), image_size=image_size, seed=int(config.get("seed", 0)))
+    data = get_dataset(dataset_name, split="test", T=max(n_obs, 1), image_size=image_size)
     stop = len(data) if args.stop_index < 0 else min(args.stop_index, len(data))
     indices = list(range(args.start_index, stop))
     slurm_task = os.environ.get("SLURM_ARRAY_TASK_ID")
@@ -175,7 +175,7 @@ def main(args):
         with open(os.path.join(eval_dir, "sampling_config.json"), "w") as f:
             json.dump({"checkpoint": args.checkpoint_path, "dataset": dataset_name, "T": T, "n_obs": n_obs,
                        "max_frames": K, "image_size": image_size, "sampling_scheme": args.sampling_scheme,
-                       "timestep_respacing": args.timestep_respacing, "seed": args.seed, **scheme,
+                       "timestep_respacing": args.timestep_respacing, "seed": args.seed, "data_seed": 0, **scheme,
                        "settings": vars(settings)}, f, indent=2)
 
     def out_path(i):

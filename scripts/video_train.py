@@ -107,8 +107,8 @@ def main(args):
     saved_config = {**dataclasses.asdict(train_cfg), **dataclasses.asdict(model_cfg),
                     **dataclasses.asdict(diffusion_cfg), "wandb_id": run_id, "world_size": world_size}
 
-    dataset = get_dataset(train_cfg.dataset, split="train", T=train_cfg.T, image_size=model_cfg.image_size,
-                          seed=train_cfg.seed)
+    # The dataset never depends on the training seed (test sets stay comparable across runs).
+    dataset = get_dataset(train_cfg.dataset, split="train", T=train_cfg.T, image_size=model_cfg.image_size)
     torch.manual_seed(train_cfg.seed)  # the same initial weights on every rank and in every run
     model = create_model(model_cfg, diffusion_cfg.learn_sigma).to(dist_util.dev())
     diffusion = create_diffusion(diffusion_cfg, timestep_respacing="")
