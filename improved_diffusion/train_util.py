@@ -60,6 +60,7 @@ class TrainConfig:
     resume_id: str = ""  # FDM's spelling of --wandb_id
     keep_last: int = 0  # keep only the newest K checkpoint steps (0: keep all)
     max_nonfinite_steps: int = 20  # stop after this many consecutive non-finite losses
+    on_bad_video: str = "stop"  # stop | skip: what an unreadable or malformed video does to training
 
 
 def parse_ema_rates(text):

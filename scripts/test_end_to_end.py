@@ -94,3 +94,20 @@ def test_sampling_a_missing_or_wrong_checkpoint_is_one_sentence(trained_run):
     for path, message in ((work / "nope.pt", "does not exist"), (run_dir / "opt000004.pt", "not a model")):
         proc = run_script("video_sample.py", path, cwd=work, check=False)
         assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_training_on_a_folder_with_a_corrupt_video_stops_or_skips(tmp_path):
+    data = tmp_path / "videos"
+    (data / "train").mkdir(parents=True)
+    (data / "test").mkdir()
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 3), ("test", 1)):
+        for i in range(n):
+            np.save(data / split / f"v{i}.npy", rng.integers(0, 256, size=(10, 16, 16, 3), dtype=np.uint8))
+    (data / "train" / "broken.npy").write_bytes(b"\x93NUMPY garbage")
+    args = [*TINY_MODEL, "--dataset", data, "--T", 8, "--max_steps", 1, "--checkpoint_dir", tmp_path / "ck"]
+    stop = run_script("video_train.py", *args, cwd=tmp_path, check=False)
+    assert stop.returncode == 2 and "broken.npy" in stop.stderr and "Traceback" not in stop.stderr
+    skip = run_script("video_train.py", *args, "--on_bad_video", "skip", cwd=tmp_path, check=False)
+    assert skip.returncode == 0, skip.stderr[-2000:]
+    assert "broken.npy" in skip.stderr  # the skipped file is reported

@@ -108,7 +108,10 @@ def main(args):
                     **dataclasses.asdict(diffusion_cfg), "wandb_id": run_id, "world_size": world_size}
 
     # The dataset never depends on the training seed (test sets stay comparable across runs).
-    dataset = get_dataset(train_cfg.dataset, split="train", T=train_cfg.T, image_size=model_cfg.image_size)
+    if train_cfg.on_bad_video not in ("stop", "skip"):
+        raise UserError(f"--on_bad_video must be stop or skip, not '{train_cfg.on_bad_video}'.")
+    dataset = get_dataset(train_cfg.dataset, split="train", T=train_cfg.T, image_size=model_cfg.image_size,
+                          on_bad_video=train_cfg.on_bad_video)
     torch.manual_seed(train_cfg.seed)  # the same initial weights on every rank and in every run
     model = create_model(model_cfg, diffusion_cfg.learn_sigma).to(dist_util.dev())
     diffusion = create_diffusion(diffusion_cfg, timestep_respacing="")
