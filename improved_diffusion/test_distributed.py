@@ -18,6 +18,8 @@ import numpy as np
 import pytest
 import torch
 
+from improved_diffusion.test_train_util import flat
+
 REPO = Path(__file__).resolve().parent.parent
 MPIEXEC = Path(sys.executable).parent / "mpiexec"
 TINY = ["--image_size", "16", "--num_channels", "32", "--channel_mult", "1,2", "--attention_resolutions", "8",
@@ -46,17 +48,6 @@ def worker(args, tmp_path, ranks=None, env=None, timeout=180):
     if ranks is not None:
         cmd = [MPIEXEC, "-n", ranks, *cmd]
     return run(cmd, env or subprocess_env(tmp_path), timeout)
-
-
-def flat(obj, prefix=""):
-    """{path: tensor} of a nested dict/list."""
-    if torch.is_tensor(obj):
-        return {prefix: obj}
-    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, (list, tuple)) else []
-    out = {}
-    for k, v in items:
-        out.update(flat(v, f"{prefix}/{k}"))
-    return out
 
 
 # ----------------------------------------------------------------------------- training

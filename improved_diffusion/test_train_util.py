@@ -166,6 +166,7 @@ def assert_bitwise_equal(dir_a, dir_b):
 
 
 def flat(obj, prefix=""):
+    """{path: tensor} of a nested dict/list (checkpoints), for comparing them tensor by tensor."""
     if torch.is_tensor(obj):
         return {prefix: obj}
     items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, (list, tuple)) else []
