@@ -108,6 +108,13 @@ class Logger:
         with open(self.csv_path, "w", newline="") as f:
             csv.writer(f).writerows(kept)
 
+    def log_video(self, key, frames, step, fps=4):
+        """A uint8 [T x C x H x W] video to wandb (when a run is active)."""
+        if self.run is not None:
+            import wandb
+
+            self.run.log({key: wandb.Video(frames, fps=fps, format="gif")}, step=step)
+
     def info(self, message):
         if self.enabled:
             print(message, file=sys.stderr, flush=True)

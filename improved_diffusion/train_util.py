@@ -156,7 +156,7 @@ class TrainLoop:
     """
 
     def __init__(self, *, model, diffusion, data, config: TrainConfig, run_dir, saved_config, logger,
-                 device=None, start_step=0):
+                 device=None, start_step=0, preview=None):
         self.model = model
         self.diffusion = diffusion
         self.data = data
@@ -174,6 +174,7 @@ class TrainLoop:
         self.nonfinite_in_a_row = 0
         self.stop_signal = None
 
+        self.preview = preview  # callable(step, ema_model), run on rank 0 every sample_interval steps
         self.params = list(model.parameters())
         dist_util.sync_params(self.params)  # before the EMA copies: every rank starts from rank 0's weights
         self.opt = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=config.weight_decay)
@@ -247,6 +248,9 @@ class TrainLoop:
                     last_time, last_step = now, self.step
                 if self.step % self.cfg.save_interval == 0:
                     self.save()
+                if self.preview is not None and self.rank == 0 and self.cfg.sample_interval > 0 \
+                        and self.step % self.cfg.sample_interval == 0:
+                    self.preview(self.step, self.ema_model())
                 if dist_util.any_rank(self.stop_signal is not None):  # every rank stops at the same step
                     if self.last_saved_step != self.step:
                         self.save()
@@ -257,6 +261,14 @@ class TrainLoop:
                 signal.signal(s, handler)
         if self.last_saved_step != self.step:
             self.save()
+
+    def ema_model(self):
+        """A copy of the model holding the first EMA rate's weights, in eval mode (for previews)."""
+        model = copy.deepcopy(self.model)
+        with torch.no_grad():
+            for p, e in zip(model.parameters(), self.ema_params[0]):
+                p.copy_(e)
+        return model.eval()
 
     def run_step(self):
         """One optimizer step; returns rank 0's mean loss, or None when the step was skipped."""

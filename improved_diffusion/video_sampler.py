@@ -267,3 +267,21 @@ def sample_video(model, diffusion, videos, n_obs, plan, settings, generators=Non
         bar.update(1)
     bar.close()
     return videos
+
+
+def preview_rollout(model, diffusion, given, T, max_frames, seed=0):
+    """A quick look at a model in training: `autoreg` from the frames `given` [n x C x H x W] to T frames.
+
+    Uses DDIM over the diffusion's (respaced) steps and a fixed per-video generator, so previews of
+    different steps differ only by the weights. Returns uint8 [T x C x H x W].
+    """
+    from .sampling_schemes import sampling_schemes
+
+    n_obs = len(given)
+    videos = torch.zeros(1, T, *given.shape[1:], device=given.device)
+    videos[0, :n_obs] = given
+    plan = sampling_schemes["autoreg"](video_length=T, num_obs=n_obs, max_frames=max_frames,
+                                       step_size=max_frames - n_obs)
+    out = sample_video(model, diffusion, videos, n_obs, plan, StageSettings(use_ddim=True),
+                       generators=[video_generator(seed, 0, 0)])
+    return ((out[0].clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()

@@ -28,7 +28,7 @@ def run_script(name, *args, cwd, check=True):
 def trained_run(tmp_path_factory):
     work = tmp_path_factory.mktemp("e2e")
     run_script("video_train.py", *TINY_MODEL, "--max_steps", 4, "--save_interval", 2, "--log_interval", 2,
-               "--checkpoint_dir", work / "ckpt", "--wandb_id", "tiny", cwd=work)
+               "--sample_interval", 4, "--checkpoint_dir", work / "ckpt", "--wandb_id", "tiny", cwd=work)
     return work, work / "ckpt" / "tiny"
 
 
@@ -39,6 +39,10 @@ def test_training_writes_every_checkpoint_file(trained_run):
         assert {f"model{step:06d}.pt", f"ema_0.9999_{step:06d}.pt", f"opt{step:06d}.pt"} <= names
     data = torch.load(run_dir / "ema_0.9999_000004.pt", weights_only=True)
     assert data["step"] == 4 and data["config"]["image_size"] == 16 and data["config"]["wandb_id"] == "tiny"
+    # --sample_interval 4: a preview rollout of 2 x max_frames frames from the EMA model at step 4 only.
+    assert sorted(os.listdir(run_dir / "previews")) == ["step000004.npy"]
+    preview = np.load(run_dir / "previews" / "step000004.npy")
+    assert preview.shape == (8, 3, 16, 16) and preview.dtype == np.uint8
 
 
 def test_sample_longer_than_the_window_and_make_mp4(trained_run):

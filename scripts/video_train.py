@@ -17,9 +17,11 @@ ranks wait for a dead one.
 
 import argparse
 import dataclasses
+import os
 import sys
 import traceback
 
+import numpy as np
 import torch
 
 from improved_diffusion import checkpoint_io, dist_util
@@ -37,6 +39,7 @@ from improved_diffusion.script_util import (
 )
 from improved_diffusion.train_util import Preempted, TrainConfig, TrainLoop, parse_ema_rates
 from improved_diffusion.video_datasets import DatasetError, default_image_size, default_T, get_dataset, train_batches
+from improved_diffusion.video_sampler import preview_rollout
 
 # Flags a resumed run takes from the command line (when given); every other one comes from the run.
 HOUSEKEEPING = ("max_steps", "log_interval", "save_interval", "sample_interval", "keep_last", "num_workers",
@@ -82,6 +85,25 @@ def resumed_values(saved, args, run_id, rank):
     if ignored and rank == 0:
         print(f"resumed run {run_id} keeps its own {', '.join(ignored)}", file=sys.stderr)
     return values
+
+
+def make_preview(train_cfg, model_cfg, diffusion_cfg, run_dir, logger):
+    """FDM's --sample_interval: every so often, roll out test video 0 with the EMA model (autoreg,
+    DDIM 25 steps, 2 x max_frames frames) into <run_dir>/previews/ and to wandb."""
+    K = train_cfg.max_frames
+    if train_cfg.sample_interval <= 0 or K < 2:
+        return None
+    given = get_dataset(train_cfg.dataset, split="test", T=K // 2, image_size=model_cfg.image_size).video(0)
+    preview_diffusion = create_diffusion(diffusion_cfg, timestep_respacing="ddim25")
+
+    def preview(step, ema_model):
+        frames = preview_rollout(ema_model, preview_diffusion, given.to(dist_util.dev()), 2 * K, K)
+        if checkpoint_io.is_local(run_dir):
+            os.makedirs(os.path.join(run_dir, "previews"), exist_ok=True)
+            np.save(os.path.join(run_dir, "previews", f"step{step:06d}.npy"), frames.numpy())
+        logger.log_video("preview", frames.numpy(), step)
+
+    return preview
 
 
 def main(args):
@@ -134,7 +156,8 @@ def main(args):
     if saved is not None:
         logger.forget_after(resume_step or 0)
     loop = TrainLoop(model=model, diffusion=diffusion, data=None, config=train_cfg, run_dir=run_dir,
-                     saved_config=saved_config, logger=logger, start_step=start_step)
+                     saved_config=saved_config, logger=logger, start_step=start_step,
+                     preview=make_preview(train_cfg, model_cfg, diffusion_cfg, run_dir, logger))
     if resume_step is not None:
         loop.load_state(resume_step)
         logger.info(f"resuming run {run_id} from step {resume_step}")
