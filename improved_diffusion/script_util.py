@@ -178,20 +178,30 @@ def read_checkpoint_file(path):
             data = f.read()
         return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unreadable file is the user's to fix
-        raise CheckpointError(f"Checkpoint '{path}' could not be read ({type(e).__name__}: {e}).") from None
+        # torch.load's own explanations run to paragraphs; the first line names the problem.
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise CheckpointError(f"Checkpoint '{path}' could not be read ({type(e).__name__}: {first}).") from None
 
 
-def load_checkpoint(path, timestep_respacing="", device="cpu"):
-    """(model, diffusion, config) from one of our checkpoints or an FDM one.
-
-    `config` is the checkpoint's flat config dict (FDM's training arguments, plus ours).
-    The model is in eval mode on `device`; the diffusion is respaced as asked.
-    """
+def read_model_checkpoint(path):
+    """The {"config", "state_dict", "step"} dict of a model checkpoint (ours or FDM's), checked."""
     data = read_checkpoint_file(path)
     if not isinstance(data, dict) or "state_dict" not in data or "config" not in data:
         name = os.path.basename(str(path))
         hint = " (optimizer state, not a model)" if name.startswith("opt") else ""
         raise CheckpointError(f"'{path}' is not a model checkpoint{hint}: it has no 'config' and 'state_dict'.")
+    return data
+
+
+def load_checkpoint(path, timestep_respacing="", device="cpu", data=None):
+    """(model, diffusion, config) from one of our checkpoints or an FDM one.
+
+    `config` is the checkpoint's flat config dict (FDM's training arguments, plus ours).
+    The model is in eval mode on `device`; the diffusion is respaced as asked. `data`: the
+    file's contents when the caller already read them with `read_model_checkpoint`.
+    """
+    if data is None:
+        data = read_model_checkpoint(path)
     config = dict(data["config"])
     state_dict = data["state_dict"]
     if not config.get("channel_mult"):

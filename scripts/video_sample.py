@@ -31,7 +31,7 @@ from improved_diffusion.sampling_schemes import (  # noqa: E402
     ADAPTIVE_PLANS, PlanError, plan_stages, presets, resolve_scheme, sampling_schemes, validate_plan_args,
 )
 from improved_diffusion.script_util import (  # noqa: E402
-    DiffusionConfig, UserError, create_diffusion, dataclass_from_dict, load_checkpoint, read_checkpoint_file, str2bool,
+    DiffusionConfig, UserError, create_diffusion, dataclass_from_dict, load_checkpoint, read_model_checkpoint, str2bool,
 )
 from improved_diffusion.video_datasets import DatasetError, get_dataset  # noqa: E402
 from improved_diffusion.video_sampler import (  # noqa: E402
@@ -85,17 +85,7 @@ def create_argparser():
 
 def read_config(path):
     """The flat config of a model checkpoint, without building the model."""
-    try:
-        data = read_checkpoint_file(path)
-    except UserError as e:
-        if len(str(e).splitlines()) > 1:  # torch.load's own explanation runs to paragraphs
-            raise UserError(f"'{path}' could not be read as a checkpoint "
-                            "(torch.load with weights_only=True failed).") from None
-        raise
-    if not isinstance(data, dict) or "config" not in data or "state_dict" not in data:
-        hint = " (optimizer state, not a model)" if os.path.basename(str(path)).startswith("opt") else ""
-        raise UserError(f"'{path}' is not a model checkpoint{hint}: it has no 'config' and 'state_dict'.")
-    return dict(data["config"])
+    return dict(read_model_checkpoint(path)["config"])
 
 
 def default_eval_dir(args, config, settings_name):
@@ -108,7 +98,8 @@ def main(args):
     rank, world_size = dist_util.setup_dist()
 
     # ---- every setting is checked before the model is loaded
-    ckpt_config = read_config(args.checkpoint_path)
+    checkpoint = read_model_checkpoint(args.checkpoint_path)  # read once: config now, weights later
+    ckpt_config = dict(checkpoint["config"])
     K = args.max_frames if args.max_frames > 0 else int(ckpt_config.get("max_frames", 20))
     S = args.max_latent_frames if args.max_latent_frames > 0 else None
     T = args.T if args.T > 0 else int(ckpt_config.get("T", -1))
@@ -156,7 +147,8 @@ def main(args):
 
     # ---- model, data, and this rank's videos
     device = torch.device(args.device) if args.device else dist_util.dev()
-    model, diffusion, config = load_checkpoint(args.checkpoint_path, args.timestep_respacing, device=device)
+    model, diffusion, config = load_checkpoint(args.checkpoint_path, args.timestep_respacing, device=device,
+                                               data=checkpoint)
     if args.batch_invariant:
         model = one_video_at_a_time(model)
     dataset_name = args.dataset or config.get("dataset") or "bouncing_balls"
