@@ -27,7 +27,7 @@ from . import cue_recall as cue
 from .metrics import MetricUnavailable, fvd, load_i3d, load_lpips, lpips_distance, psnr, ssim
 from .plots import plot_per_frame
 from .script_util import UserError
-from .video_datasets import DATASETS, DatasetError, cached_copy, get_dataset, video_length
+from .video_datasets import DatasetError, cached_copy, get_dataset, video_length
 
 METRICS = ("psnr", "ssim", "lpips", "fvd", "cue_recall")
 PER_FRAME_METRICS = ("psnr", "ssim", "lpips")
@@ -72,14 +72,6 @@ def find_samples(eval_dir, max_videos=None):
     return sorted(found, key=lambda item: (item[1], item[2]))
 
 
-def data_seed(config):
-    """The seed of the dataset's videos (procedural datasets); returns (seed, note or None).
-
-    Datasets do not depend on the training seed, so this is 0 unless a sampling config says otherwise.
-    """
-    return int(config.get("data_seed", 0)), None
-
-
 def _stored_length(dataset, index):
     """Frames available in test video `index`, or None when any length can be made (procedural data)."""
     lengths = getattr(dataset, "lengths", None)
@@ -107,7 +99,8 @@ class GroundTruth:
     def __init__(self, config, data_root=None):
         self.config = config
         self.data_root = data_root
-        self.seed, self.note = data_seed(config)
+        # Datasets do not depend on the training seed; a sampling config may record another one.
+        self.seed = int(config.get("data_seed", 0))
         self.dataset = self._dataset(max(int(config.get("n_obs", 0)), 1))
         self._procedural = {}  # T -> dataset: generated videos come at any length
 
@@ -145,7 +138,7 @@ def load_pairs(eval_dir, config, max_videos=None, data_root=None):
     """
     found = find_samples(eval_dir, max_videos)
     truth_source = GroundTruth(config, data_root)
-    notes = [truth_source.note] if truth_source.note else []
+    notes = []
     names, samples, truths = [], [], []
     for path, index, _ in found:
         name = os.path.basename(path)

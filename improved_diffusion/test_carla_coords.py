@@ -12,13 +12,7 @@ TINY = cc.CoordinateModelConfig(layers=(1, 1, 1, 1), width=4)
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "train_carla_regressor.py"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny networks run fastest on one thread, and do not stall on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_models(seed=0):

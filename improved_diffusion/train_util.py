@@ -18,7 +18,6 @@ the current step, save it and raise Preempted, so a pre-empted job loses nothing
 """
 
 import copy
-import dataclasses
 import math
 import signal
 import threading
@@ -380,6 +379,3 @@ class TrainLoop:
     def checkpoint_dict(self, state_dict):
         return {"config": dict(self.saved_config), "state_dict": state_dict, "step": self.step}
 
-
-def train_config_fields():
-    return [f.name for f in dataclasses.fields(TrainConfig)]
