@@ -48,10 +48,13 @@ def sample_masks(batch_size, T, max_frames, rng):
     for b in range(batch_size):
         latent[b, sample_some_indices(max_frames, T, rng)] = True
         while True:
+            room = max_frames - obs[b].sum() - latent[b].sum()
+            if room == 0:  # full: FDM's loop would draw forever when T == max_frames
+                break
             target = obs if rng.random() < 0.5 else latent
             indices = np.array(sample_some_indices(max_frames, T, rng))
             indices = indices[~(obs[b, indices] | latent[b, indices])]
-            if len(indices) > max_frames - obs[b].sum() - latent[b].sum():
+            if len(indices) > room:
                 break
             target[b, indices] = True
     return obs, latent

@@ -20,7 +20,7 @@ import torch
 from improved_diffusion import checkpoint_io
 from improved_diffusion.logger import Logger
 from improved_diffusion.script_util import DiffusionConfig, ModelConfig, UserError, create_diffusion, create_model
-from improved_diffusion.train_util import NonFiniteLossError, TrainConfig, TrainLoop, training_batch
+from improved_diffusion.train_util import NonFiniteLossError, TrainConfig, TrainLoop, training_batch, update_ema
 from improved_diffusion.video_datasets import get_dataset, train_batches
 
 REPO = Path(__file__).resolve().parent.parent
@@ -298,3 +298,23 @@ def worker_main(argv):
 
 if __name__ == "__main__":
     worker_main(sys.argv[1:])
+
+
+def test_update_ema_is_the_convex_combination_of_old_average_and_new_weights():
+    torch.manual_seed(0)
+    ema = [torch.randn(3, 4), torch.randn(5)]
+    params = [torch.randn(3, 4), torch.randn(5)]
+    expected = [0.9 * e + 0.1 * p for e, p in zip(ema, params)]
+    update_ema(ema, params, 0.9)
+    for got, want in zip(ema, expected):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_one_non_finite_gradient_element_is_found_among_huge_finite_ones(tmp_path, monkeypatch, bad):
+    loop = tiny_loop(tmp_path, monkeypatch)
+    for p in loop.params:
+        p.grad = torch.full_like(p, 3e38)  # finite, but its 2-norm would overflow
+    assert loop.grads_finite()
+    loop.params[-1].grad.view(-1)[0] = bad
+    assert not loop.grads_finite()
