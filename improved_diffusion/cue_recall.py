@@ -110,8 +110,12 @@ def make_videos(split, n, seed=0, T=DEFAULT_T, image_size=DEFAULT_IMAGE_SIZE):
     return np.stack([make_video(split, i, seed=seed, T=T, image_size=image_size) for i in range(n)])
 
 
+NO_CUE = -1  # classify_cue's answer when the square shows the background, not a cue
+
+
 def classify_cue(video, frames, palette=PALETTE):
-    """Nearest palette index to the mean colour of the cue square over `frames`.
+    """Palette index nearest to the mean colour of the cue square over `frames`, or NO_CUE
+    when the background colour is nearer than every palette colour (no cue drawn).
 
     `video` is [T x C x H x W], uint8 or float in [-1, 1]; `frames` indexes its time axis.
     """
@@ -124,6 +128,8 @@ def classify_cue(video, frames, palette=PALETTE):
         raise ValueError(f"No frames selected from a video of {video.shape[0]} frames.")
     mean_colour = patch.mean(axis=(0, 2, 3))
     distances = np.linalg.norm(np.asarray(palette, dtype=np.float64) - mean_colour, axis=1)
+    if np.linalg.norm(BACKGROUND.astype(np.float64) - mean_colour) < distances.min():
+        return NO_CUE
     return int(np.argmin(distances))
 
 
@@ -132,8 +138,10 @@ def cue_recall(videos, start_frames=CUE_VISIBLE, return_frame=CUE_RETURN, palett
 
     videos: [B x T x C x H x W] (or a list of [T x C x H x W]), uint8 or float in [-1, 1].
     The start colour is read from frames [0, start_frames), the return colour from
-    frames [return_frame, T). Real videos score 1.0; a model that forgets the cue
-    scores about `chance` = 1 / len(palette).
+    frames [return_frame, T). Real videos score 1.0; a model that draws the returning cue
+    in a random colour scores about `chance` = 1 / len(palette), and one that does not draw
+    it at all scores 0 (a missing cue is never a match). `shown` is the fraction of videos
+    whose cue square shows a cue colour at the return, whatever the colour.
     """
     if len(videos) == 0:
         raise ValueError("cue_recall needs at least one video.")
@@ -143,9 +151,10 @@ def cue_recall(videos, start_frames=CUE_VISIBLE, return_frame=CUE_RETURN, palett
             raise ValueError(f"Videos must be longer than return_frame={return_frame} frames, got {len(video)}.")
         starts.append(classify_cue(video, slice(0, start_frames), palette))
         returns.append(classify_cue(video, slice(return_frame, None), palette))
-    matches = [s == r for s, r in zip(starts, returns)]
+    matches = [s == r != NO_CUE for s, r in zip(starts, returns)]
     return dict(
         recall=float(np.mean(matches)),
+        shown=float(np.mean([r != NO_CUE for r in returns])),
         chance=1.0 / len(palette),
         n_videos=len(matches),
         matches=matches,

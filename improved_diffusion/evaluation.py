@@ -237,7 +237,8 @@ def compute_metrics(samples, truth, n_obs, metrics, dataset=None, i3d_path=None,
                                             f"for the cue to return, got {t}.")
                 scores = cue.cue_recall(frames)
                 result["overall"]["cue_recall"] = scores["recall"]
-                result["details"]["cue_recall"] = dict(chance=scores["chance"], matches=scores["matches"],
+                result["details"]["cue_recall"] = dict(chance=scores["chance"], shown=scores["shown"],
+                                                       matches=scores["matches"],
                                                        ground_truth_recall=cue.cue_recall(truth)["recall"])
         except MetricUnavailable as e:
             result["skipped"][name] = str(e)

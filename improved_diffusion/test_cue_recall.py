@@ -51,7 +51,7 @@ def test_colours_cover_palette():
 def test_ground_truth_scores_one():
     videos = channels_first(cr.make_videos("test", 40))
     result = cr.cue_recall(videos)
-    assert result["recall"] == 1.0
+    assert result["recall"] == 1.0 and result["shown"] == 1.0
     assert result["n_videos"] == 40
     assert result["chance"] == pytest.approx(1 / cr.NUM_COLOURS)
     assert result["start_colours"] == [cr.cue_colour_index("test", i) for i in range(40)]
@@ -74,6 +74,19 @@ def test_shuffled_return_colour_scores_chance():
     assert result["matches"] == (original == new_colours).tolist()
     # Binomial(400, 1/4): standard deviation 0.022.
     assert abs(result["recall"] - 1 / cr.NUM_COLOURS) < 0.08
+
+
+def test_a_cue_that_does_not_return_is_never_a_match():
+    videos = channels_first(cr.make_videos("test", 40))
+    top, bottom, left, right = cr.cue_box(cr.DEFAULT_IMAGE_SIZE)
+    videos[:20, cr.CUE_RETURN:, :, top:bottom, left:right] = cr.BACKGROUND[None, :, None, None]
+    result = cr.cue_recall(videos)
+    assert result["return_colours"][:20] == [cr.NO_CUE] * 20
+    assert result["matches"] == [False] * 20 + [True] * 20
+    assert result["recall"] == 0.5 and result["shown"] == 0.5
+    # Near-background noise is still "no cue", and the start colour is read as before.
+    dim = videos[:20].astype(np.float64) + np.random.default_rng(2).normal(0, 10, videos[:20].shape)
+    assert cr.cue_recall(np.clip(dim, 0, 255).astype(np.uint8))["shown"] == 0.0
 
 
 def test_per_video_results_are_deterministic():
