@@ -238,6 +238,7 @@ def compute_metrics(samples, truth, n_obs, metrics, dataset=None, i3d_path=None,
                 scores = cue.cue_recall(frames)
                 result["overall"]["cue_recall"] = scores["recall"]
                 result["details"]["cue_recall"] = dict(chance=scores["chance"], shown=scores["shown"],
+                                                       recall_when_shown=scores["recall_when_shown"],
                                                        matches=scores["matches"],
                                                        ground_truth_recall=cue.cue_recall(truth)["recall"])
         except MetricUnavailable as e:

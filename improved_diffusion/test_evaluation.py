@@ -143,7 +143,7 @@ def test_ground_truth_shorter_than_the_samples_compares_the_overlap(tmp_path):
 
 
 def test_cue_recall_applies_to_its_dataset_only(tmp_path):
-    length = 40  # longer than CUE_RETURN, and than the generator's default 32 frames
+    length = 40  # longer than CUE_RETURN, and than the generator's default 20 frames
     assert length > CUE_RETURN
     samples = [ground_truth(i, "cue_recall", length, seed=0) for i in range(2)]
     result = evaluation.evaluate(make_eval_dir(tmp_path / "cue", samples, "cue_recall", data_seed=0))
