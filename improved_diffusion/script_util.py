@@ -58,6 +58,13 @@ class DiffusionConfig:
     rescale_learned_sigmas: bool = True
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with the project's error style: one line on stderr and exit code 2, no usage block."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def str2bool(v):
     if isinstance(v, bool):
         return v

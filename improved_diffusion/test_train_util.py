@@ -33,15 +33,6 @@ RUN = TINY + ["--batch_size", "2", "--microbatch", "1", "--dropout", "0.1", "--n
 STEP_NAMES = ["ema_0.9_000004.pt", "ema_0.99_000004.pt", "model000004.pt", "opt000004.pt"]
 
 
-@pytest.fixture
-def one_thread():
-    """One CPU thread: faster for tiny models, and no contention with other test processes."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # ----------------------------------------------------------------------------- per-example randomness
 
 

@@ -31,18 +31,13 @@ from improved_diffusion.report import (  # noqa: E402
     write_report,
 )
 from improved_diffusion.sampling_schemes import PlanError  # noqa: E402
-from improved_diffusion.script_util import UserError, str2bool  # noqa: E402
+from improved_diffusion.script_util import ArgumentParser, UserError, str2bool  # noqa: E402
 from improved_diffusion.video_datasets import DatasetError  # noqa: E402
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        """One line on stderr and exit code 2, without the usage block."""
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
 def create_argparser():
-    p = _Parser(prog="compare_schemes.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="compare_schemes.py", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint_path")
     p.add_argument("--schemes", default=DEFAULT_SCHEMES, help="comma-separated sampling scheme names")
     p.add_argument("--n_videos", type=int, default=8, help="test videos 0..n_videos-1 are sampled by every scheme")

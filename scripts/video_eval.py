@@ -18,18 +18,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from improved_diffusion.evaluation import METRICS, evaluate_eval_dir, format_value  # noqa: E402
-from improved_diffusion.script_util import UserError  # noqa: E402
+from improved_diffusion.script_util import ArgumentParser, UserError  # noqa: E402
 from improved_diffusion.video_datasets import DatasetError  # noqa: E402
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        """One line on stderr and exit code 2, without the usage block."""
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
 def create_argparser():
-    p = _Parser(prog="video_eval.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="video_eval.py", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--eval_dir", required=True, help="a video_sample.py output folder")
     p.add_argument("--metrics", default="", help=f"comma-separated, from {','.join(METRICS)} (default: all that apply)")
     p.add_argument("--i3d_path", default=None, help="TorchScript I3D (StyleGAN-V's i3d_torchscript.pt), for FVD")

@@ -31,7 +31,8 @@ from improved_diffusion.sampling_schemes import (  # noqa: E402
     ADAPTIVE_PLANS, PlanError, plan_stages, presets, resolve_scheme, sampling_schemes, validate_plan_args,
 )
 from improved_diffusion.script_util import (  # noqa: E402
-    DiffusionConfig, UserError, create_diffusion, dataclass_from_dict, load_checkpoint, read_model_checkpoint, str2bool,
+    ArgumentParser, DiffusionConfig, UserError, create_diffusion, dataclass_from_dict, load_checkpoint,
+    read_model_checkpoint, str2bool,
 )
 from improved_diffusion.video_datasets import DatasetError, get_dataset  # noqa: E402
 from improved_diffusion.video_sampler import (  # noqa: E402
@@ -39,14 +40,9 @@ from improved_diffusion.video_sampler import (  # noqa: E402
 )
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        """One line on stderr and exit code 2, without the usage block."""
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
 def create_argparser():
-    p = _Parser(prog="video_sample.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="video_sample.py", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint_path")
     p.add_argument("--sampling_scheme", default="autoreg", choices=list(presets),
                    help="a frame plan, or a preset of plan and noise schedule")

@@ -10,7 +10,6 @@ and chunk size are applied by the video sampler; here they are only recorded (a 
 autoreg into the sliding-window plan).
 """
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -20,17 +19,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from improved_diffusion.noise_schedules import ScheduleError, noise_levels, noise_schedules  # noqa: E402
 from improved_diffusion.plan_picture import draw_plan  # noqa: E402
+from improved_diffusion.script_util import ArgumentParser  # noqa: E402
 from improved_diffusion.sampling_schemes import ADAPTIVE_PLANS, PlanError, plan_stages, presets, resolve_scheme  # noqa: E402
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        """One line on stderr and exit code 2, without the usage block."""
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
 def parse_args(argv=None):
-    parser = _Parser(prog="video_schedule.py", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="video_schedule.py", description=__doc__.splitlines()[0])
     parser.add_argument("--sampling_scheme", required=True, choices=list(presets))
     parser.add_argument("--T", type=int, required=True, help="Video length.")
     parser.add_argument("--n_obs", type=int, required=True, help="Number of given frames at the start.")
