@@ -21,7 +21,7 @@ import sys
 import torch
 import torch.distributed as dist
 
-from .script_util import UserError
+from .errors import ConfigError
 
 TIMEOUT_ENV = "DIST_TIMEOUT_S"
 DEFAULT_TIMEOUT_S = 1800
@@ -51,7 +51,7 @@ def timeout_s():
     try:
         return float(value) if value else float(DEFAULT_TIMEOUT_S)
     except ValueError:
-        raise UserError(f"{TIMEOUT_ENV} must be a number of seconds, got '{value}'.") from None
+        raise ConfigError(f"{TIMEOUT_ENV} must be a number of seconds, got '{value}'.") from None
 
 
 def setup_dist():
@@ -156,6 +156,14 @@ def sync_params(params):
     with torch.no_grad():
         for p in params:
             dist.broadcast(p, 0)
+
+
+def launched_with_several_ranks():
+    """True when mpiexec or torchrun started more than one process (before or after setup_dist)."""
+    MPI = _mpi()
+    if MPI is not None:
+        return MPI.COMM_WORLD.Get_size() > 1
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
 def exit_all(code):

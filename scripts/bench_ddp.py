@@ -44,8 +44,8 @@ def worker(args):
     from improved_diffusion import dist_util
     from improved_diffusion.logger import Logger
     from improved_diffusion.script_util import DiffusionConfig, ModelConfig, create_diffusion, create_model
-    from improved_diffusion.train_util import TrainConfig, TrainLoop
-    from improved_diffusion.video_datasets import get_dataset, train_batches
+    from improved_diffusion.training.train_loop import TrainConfig, TrainLoop
+    from improved_diffusion.data.datasets import get_dataset, train_batches
 
     rank, world_size = dist_util.setup_dist()
     dist_util.set_cpu_threads()

@@ -25,14 +25,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # video_sample.py
 
 import video_sample  # noqa: E402
 from improved_diffusion import dist_util  # noqa: E402
-from improved_diffusion.evaluation import METRICS, EvalError, parse_metrics  # noqa: E402
-from improved_diffusion.report import (  # noqa: E402
+from improved_diffusion.evaluation.evaluate import METRICS, EvalError, parse_metrics  # noqa: E402
+from improved_diffusion.evaluation.report import (  # noqa: E402
     DEFAULT_SCHEMES, check_settings_file, evaluate_schemes, load_runs, parse_schemes, sample_schemes, scheme_stages,
     write_report,
 )
-from improved_diffusion.sampling_schemes import PlanError  # noqa: E402
+from improved_diffusion.sampling.plans import PlanError  # noqa: E402
 from improved_diffusion.script_util import ArgumentParser, UserError, str2bool  # noqa: E402
-from improved_diffusion.video_datasets import DatasetError  # noqa: E402
+from improved_diffusion.data.datasets import DatasetError  # noqa: E402
 
 
 def create_argparser():

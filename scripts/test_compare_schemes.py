@@ -15,8 +15,8 @@ import pytest
 import torch
 from PIL import Image
 
-from improved_diffusion.noise_schedules import noise_levels
-from improved_diffusion.report import scheme_stages
+from improved_diffusion.sampling.noise_schedules import noise_levels
+from improved_diffusion.evaluation.report import scheme_stages
 from improved_diffusion.script_util import DiffusionConfig, ModelConfig, create_model
 
 SCRIPTS = Path(__file__).resolve().parent

@@ -56,7 +56,7 @@ def test_sample_longer_than_the_window_and_make_mp4(trained_run):
     video = np.load(samples[0])
     assert video.shape == (16, 3, 16, 16) and video.dtype == np.uint8  # 4x the 4-frame window
 
-    from improved_diffusion.video_datasets import get_dataset
+    from improved_diffusion.data.datasets import get_dataset
 
     given = get_dataset("bouncing_balls", split="test", T=2, image_size=16).video(0)
     expected = ((given + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()

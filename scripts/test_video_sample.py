@@ -14,9 +14,9 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from improved_diffusion.sampling_schemes import presets
+from improved_diffusion.sampling.plans import presets
 from improved_diffusion.script_util import DiffusionConfig, ModelConfig, create_model
-from improved_diffusion.video_datasets import get_dataset
+from improved_diffusion.data.datasets import get_dataset
 
 SCRIPTS = Path(__file__).resolve().parent
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from improved_diffusion.plan_picture import COLOURS, plan_image
+from improved_diffusion.sampling.plan_picture import COLOURS, plan_image
 
 SCRIPT = Path(__file__).resolve().parent / "video_schedule.py"
 _spec = importlib.util.spec_from_file_location("video_schedule", SCRIPT)

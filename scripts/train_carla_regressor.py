@@ -9,7 +9,7 @@ cell gives (x, y). Train each once per dataset:
         --kind regressor --out checkpoints/carla-regressor/regressor.pt
 
 FDM's released `classifier_checkpoint.pth` / `regressor_checkpoint.pth` load with
-`improved_diffusion.carla_coords.load_models` without retraining.
+`improved_diffusion.evaluation.carla_coords.load_models` without retraining.
 """
 
 import argparse
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from improved_diffusion import carla_coords
+from improved_diffusion.evaluation import carla_coords
 
 
 def main(args):

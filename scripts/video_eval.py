@@ -17,9 +17,9 @@ from pathlib import Path
 # Lets the script run from a checkout that was not pip-installed; an installed package is the same code.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from improved_diffusion.evaluation import METRICS, evaluate_eval_dir, format_value  # noqa: E402
+from improved_diffusion.evaluation.evaluate import METRICS, evaluate_eval_dir, format_value  # noqa: E402
 from improved_diffusion.script_util import ArgumentParser, UserError  # noqa: E402
-from improved_diffusion.video_datasets import DatasetError  # noqa: E402
+from improved_diffusion.data.datasets import DatasetError  # noqa: E402
 
 
 def create_argparser():

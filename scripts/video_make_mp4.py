@@ -15,8 +15,8 @@ import sys
 
 import numpy as np
 
-from improved_diffusion.video_datasets import DatasetError, get_dataset
-from improved_diffusion.video_io import side_by_side, write_gif, write_mp4
+from improved_diffusion.data.datasets import DatasetError, get_dataset
+from improved_diffusion.evaluation.video_files import side_by_side, write_gif, write_mp4
 
 SAMPLE_RE = re.compile(r"sample_(\d+)-(\d+)\.npy$")
 

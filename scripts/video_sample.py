@@ -25,17 +25,17 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from improved_diffusion import dist_util  # noqa: E402
-from improved_diffusion.noise_schedules import noise_schedules  # noqa: E402
-from improved_diffusion.plan_picture import draw_plan  # noqa: E402
-from improved_diffusion.sampling_schemes import (  # noqa: E402
+from improved_diffusion.sampling.noise_schedules import noise_schedules  # noqa: E402
+from improved_diffusion.sampling.plan_picture import draw_plan  # noqa: E402
+from improved_diffusion.sampling.plans import (  # noqa: E402
     ADAPTIVE_PLANS, PlanError, plan_stages, presets, resolve_scheme, sampling_schemes, validate_plan_args,
 )
 from improved_diffusion.script_util import (  # noqa: E402
     ArgumentParser, DiffusionConfig, UserError, create_diffusion, dataclass_from_dict, load_checkpoint,
     read_model_checkpoint, str2bool,
 )
-from improved_diffusion.video_datasets import DatasetError, get_dataset  # noqa: E402
-from improved_diffusion.video_sampler import (  # noqa: E402
+from improved_diffusion.data.datasets import DatasetError, get_dataset  # noqa: E402
+from improved_diffusion.sampling.sampler import (  # noqa: E402
     StageSettings, check_settings, one_video_at_a_time, sample_video, video_generator,
 )
 

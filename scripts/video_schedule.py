@@ -17,10 +17,10 @@ from pathlib import Path
 # Lets the script run from a checkout that was not pip-installed; an installed package is the same code.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from improved_diffusion.noise_schedules import ScheduleError, noise_levels, noise_schedules  # noqa: E402
-from improved_diffusion.plan_picture import draw_plan  # noqa: E402
+from improved_diffusion.sampling.noise_schedules import ScheduleError, noise_levels, noise_schedules  # noqa: E402
+from improved_diffusion.sampling.plan_picture import draw_plan  # noqa: E402
 from improved_diffusion.script_util import ArgumentParser  # noqa: E402
-from improved_diffusion.sampling_schemes import ADAPTIVE_PLANS, PlanError, plan_stages, presets, resolve_scheme  # noqa: E402
+from improved_diffusion.sampling.plans import ADAPTIVE_PLANS, PlanError, plan_stages, presets, resolve_scheme  # noqa: E402
 
 
 def parse_args(argv=None):

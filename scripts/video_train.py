@@ -24,7 +24,8 @@ import traceback
 import numpy as np
 import torch
 
-from improved_diffusion import checkpoint_io, dist_util
+from improved_diffusion import dist_util
+from improved_diffusion.training import checkpoint_io
 from improved_diffusion.logger import Logger, new_run_id
 from improved_diffusion.script_util import (
     DiffusionConfig,
@@ -37,9 +38,9 @@ from improved_diffusion.script_util import (
     parse_channel_mult,
     read_checkpoint_file,
 )
-from improved_diffusion.train_util import Preempted, TrainConfig, TrainLoop, parse_ema_rates
-from improved_diffusion.video_datasets import DatasetError, default_image_size, default_T, get_dataset, train_batches
-from improved_diffusion.video_sampler import preview_rollout
+from improved_diffusion.training.train_loop import Preempted, TrainConfig, TrainLoop, parse_ema_rates
+from improved_diffusion.data.datasets import DatasetError, default_image_size, default_T, get_dataset, train_batches
+from improved_diffusion.sampling.sampler import preview_rollout
 
 # Flags a resumed run takes from the command line (when given); every other one comes from the run.
 HOUSEKEEPING = ("max_steps", "log_interval", "save_interval", "sample_interval", "keep_last", "num_workers",

@@ -1,0 +1,71 @@
+"""Command-line plumbing shared by the scripts: flags from dataclasses, and one way to fail.
+
+`run(main, parser)` is how every script starts: it parses the arguments, calls `main(args)`
+and turns a `UserError` into one sentence on stderr and exit code 2. Under MPI a failing
+rank takes the others down with it, so a job never hangs on a rank that gave up.
+"""
+
+import argparse
+import dataclasses
+import sys
+import traceback
+
+from .errors import UserError
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with the project's error style: one line on stderr and exit code 2, no usage block."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def str2bool(v):
+    if isinstance(v, bool):
+        return v
+    if v.lower() in ("yes", "true", "t", "y", "1"):
+        return True
+    if v.lower() in ("no", "false", "f", "n", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected a boolean, got '{v}'")
+
+
+def add_dataclass_args(parser, cls, overrides=None, choices=None):
+    """One --flag per field, typed by the field's default (booleans accept true/false).
+
+    `choices` maps field names to their allowed values (argparse's `choices=`).
+    """
+    for field in dataclasses.fields(cls):
+        default = (overrides or {}).get(field.name, field.default)
+        kind = str2bool if isinstance(default, bool) else type(default)
+        parser.add_argument(f"--{field.name}", default=default, type=kind, choices=(choices or {}).get(field.name))
+
+
+def dataclass_from_dict(cls, values):
+    """An instance of `cls` from the entries of `values` that are its fields (others are ignored)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in values.items() if k in names})
+
+
+def run(main, parser, argv=None):
+    """Parse, run `main(args)`, and return the exit code: 0, or 2 after one sentence for a UserError.
+
+    Use as `sys.exit(run(main, create_argparser()))`. Any other exception prints its traceback
+    and exits 1; under MPI both take every other rank down (`dist_util.exit_all`).
+    """
+    from . import dist_util  # torch.distributed is only needed once a script runs
+
+    args = parser.parse_args(argv)
+    try:
+        main(args)
+    except UserError as e:
+        print(f"{parser.prog}: error: {e}", file=sys.stderr)
+        code = 2
+    except Exception:  # noqa: BLE001 - under MPI one failed rank must take the others down
+        traceback.print_exc()
+        code = 1
+    else:
+        return 0
+    if dist_util.launched_with_several_ranks():
+        dist_util.exit_all(code)
+    return code

@@ -1,0 +1,1 @@
+"""Evaluation: metrics, scoring a results folder, the scheme-comparison report, plots and video files."""

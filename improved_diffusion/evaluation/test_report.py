@@ -1,0 +1,145 @@
+"""Tests for report.py (cost records, network-evaluation counting, markdown/HTML rendering) and plots.py."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from improved_diffusion.evaluation import report
+from improved_diffusion.evaluation.plots import SHADE, frame_strip, nice_ticks, plot_per_frame
+from improved_diffusion.sampling.plans import PlanError
+from improved_diffusion.script_util import ModelConfig, UserError, create_model
+from improved_diffusion.evaluation.video_files import GENERATED_COLOUR, OBSERVED_COLOUR
+
+
+@pytest.fixture(scope="module")
+def tiny_unet():
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    return create_model(ModelConfig(image_size=16, num_channels=32, channel_mult="1,2", attention_resolutions="8",
+                                    num_heads=2)).eval()
+
+
+def call(model, batch):
+    with torch.no_grad():
+        model(torch.zeros(batch, 2, 3, 16, 16), torch.zeros(batch, 2, dtype=torch.long))
+
+
+# ---------------------------------------------------------------------------
+# plots.py
+# ---------------------------------------------------------------------------
+
+
+def test_nice_ticks_are_round_and_cover_the_range():
+    assert nice_ticks(0, 1) == [0, 0.2, 0.4, 0.6, 0.8, 1.0]
+    assert nice_ticks(3, 97) == [20, 40, 60, 80]
+    assert nice_ticks(2, 2) == [2]
+
+
+def test_plot_per_frame_shades_observed_frames_and_skips_non_finite_values(tmp_path):
+    path = tmp_path / "plot.png"
+    plot_per_frame({"a": [math.inf, math.inf, 20.0, 21.5, None, 19.0], "b": [math.nan] * 6}, path,
+                   title="psnr", ylabel="dB", n_obs=2)
+    with Image.open(path) as image:
+        assert image.format == "PNG"
+        pixels = np.asarray(image.convert("RGB"))
+    assert (pixels == SHADE).all(axis=-1).sum() > 1000  # the shaded observed frames
+    plot_per_frame({"only inf": [math.inf] * 3}, tmp_path / "empty.png")  # nothing finite: axes only
+    assert Image.open(tmp_path / "empty.png").size == (640, 360)
+
+
+def test_frame_strip_borders_observed_and_generated_frames(tmp_path):
+    video = np.full((10, 3, 8, 8), 128, dtype=np.uint8)
+    shown = frame_strip(video, n_obs=3, path=tmp_path / "strip.png", max_frames=5, scale=1, gap=2)
+    assert shown == [0, 2, 4, 7, 9]  # evenly spaced, first and last included
+    pixels = np.asarray(Image.open(tmp_path / "strip.png").convert("RGB"))
+    width = 8 + 2 * 2  # frame plus border
+    assert tuple(pixels[0, 0]) == OBSERVED_COLOUR and tuple(pixels[0, width + 2]) == OBSERVED_COLOUR  # frames 0, 2
+    assert tuple(pixels[0, 2 * (width + 2)]) == GENERATED_COLOUR  # frame 4
+    assert pixels.shape[1] == 5 * width + 4 * 2
+
+
+# ---------------------------------------------------------------------------
+# Settings and schemes
+# ---------------------------------------------------------------------------
+
+
+def test_parse_schemes():
+    assert report.parse_schemes(" autoreg, df-pyramid,autoreg ") == ["autoreg", "df-pyramid"]
+    with pytest.raises(UserError, match="Unknown sampling scheme 'nope'"):
+        report.parse_schemes("autoreg,nope")
+    with pytest.raises(UserError, match="names no sampling scheme"):
+        report.parse_schemes(",")
+
+
+def test_scheme_stages_checks_before_sampling():
+    stages = report.scheme_stages("adaptive-hierarchy-2", T=8, n_obs=2, max_frames=4)
+    assert stages == report.scheme_stages("hierarchy-2", T=8, n_obs=2, max_frames=4)
+    with pytest.raises(PlanError, match="max_frames >= 4"):
+        report.scheme_stages("hierarchy-2", T=8, n_obs=1, max_frames=3, max_latent_frames=2)
+
+
+def test_settings_file_refuses_other_settings(tmp_path):
+    settings = dict(checkpoint="/a.pt", T=8, n_obs=2, max_latent_frames=None)
+    report.check_settings_file(tmp_path, settings)
+    report.check_settings_file(tmp_path, settings)  # the same settings resume
+    with pytest.raises(UserError, match="made with T=8, not 16"):
+        report.check_settings_file(tmp_path, {**settings, "T": 16})
+
+
+# ---------------------------------------------------------------------------
+# Sampling cost
+# ---------------------------------------------------------------------------
+
+
+def test_network_evaluations_count_calls_and_videos(tiny_unet):
+    with report.count_network_evaluations() as counter:
+        call(tiny_unet, 3)
+        call(tiny_unet, 1)
+        torch.nn.Linear(2, 2)(torch.zeros(1, 2))  # other modules are not the video model
+    call(tiny_unet, 2)  # after the block: not counted
+    assert (counter.calls, counter.video_calls) == (2, 4)
+
+
+def test_sample_schemes_records_cost_and_keeps_it_when_resumed(tmp_path, tiny_unet):
+    def sample(scheme, eval_dir, indices):
+        for i in indices:
+            path = tmp_path / scheme / "samples" / f"sample_{i:04d}-0.npy"
+            if path.exists():
+                continue
+            path.parent.mkdir(parents=True, exist_ok=True)
+            for _ in range(5 if scheme == "autoreg" else 7):  # 5 or 7 network evaluations per video
+                call(tiny_unet, 1)
+            np.save(path, np.zeros(1, np.uint8))
+
+    runs = report.sample_schemes(["autoreg", "df-pyramid"], lambda s, d: sample(s, d, [0]), tmp_path, n_videos=2)
+    assert runs["autoreg"]["videos_sampled"] == 1 and runs["autoreg"]["nfe_per_video"] == 5
+    assert runs["df-pyramid"]["nfe_per_video"] == 7 and runs["df-pyramid"]["sampling_seconds"] > 0
+    first = json.loads((tmp_path / "runs.json").read_text())
+
+    runs = report.sample_schemes(["autoreg", "df-pyramid"], lambda s, d: sample(s, d, [0]), tmp_path, n_videos=2)
+    assert runs == first  # nothing new sampled: the recorded cost stays
+    runs = report.sample_schemes(["autoreg"], lambda s, d: sample(s, d, [0, 1]), tmp_path, n_videos=2)
+    assert runs["autoreg"]["videos_sampled"] == 2 and runs["autoreg"]["nfe_per_video"] == 5
+    assert runs["autoreg"]["sampling_seconds"] > first["autoreg"]["sampling_seconds"]
+    assert report.count_samples(tmp_path / "autoreg", 1) == 1
+
+
+# ---------------------------------------------------------------------------
+# Rendering
+# ---------------------------------------------------------------------------
+
+
+def test_markdown_and_html_hold_the_same_content():
+    blocks = [("h1", "Schemes <on> ckpt"), ("p", "a | b"), ("table", ["scheme", "psnr"], [["autoreg", "**21.5**"],
+                                                                                         ["df-pyramid", "20"]]),
+              ("img", "plots/psnr.png", "psnr per frame")]
+    md, html = report.render_markdown(blocks), report.render_html(blocks)
+    assert md.splitlines()[0] == "# Schemes <on> ckpt"
+    assert "| autoreg | **21.5** |" in md and "![psnr per frame](plots/psnr.png)" in md
+    assert "<h1>Schemes &lt;on&gt; ckpt</h1>" in html and "<td><b>21.5</b></td>" in html
+    assert '<img src="plots/psnr.png" alt="psnr per frame">' in html
+    assert html.count("<tr>") == 3 and md.count("\n| ") == 3

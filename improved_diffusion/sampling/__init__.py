@@ -1,0 +1,1 @@
+"""Sampling long videos: frame plans (FDM) x within-stage noise schedules (DF) x stabilization."""

@@ -1,0 +1,287 @@
+"""Run a frame plan x a noise schedule on a model: the long-video sampler.
+
+A plan gives stages (observed frame indices, latent frame indices). Each stage shows the
+model its frames (observed first, then latent, FDM's layout) and denoises the latent ones
+along the stage's noise-level matrix (rows = states, columns = latent frames, levels 0..S
+with S = pure noise; see noise_schedules.py). Levels map to the diffusion's (respaced)
+timesteps as Diffusion Forcing maps them. Per row transition (one model call):
+
+- latent frames whose level does not change are left untouched, bit for bit;
+- latent frames that already reached level 0 are shown to the model as observed frames;
+- observed frames are told the largest timestep being denoised, so `full_sequence` with
+  S = the diffusion's step count is exactly FDM's sampler (`p_sample_loop` /
+  `ddim_sample_loop` on the stage);
+- with `stabilization_level` k > 0, observed frames that the model generated earlier are
+  shown noised to timestep k - 1 of the training chain and told that timestep (Diffusion
+  Forcing's stabilization, in its units). Their stored pixels never change.
+
+Without DDIM every transition is one ancestral (DDPM) step, so a schedule with fewer
+levels than the diffusion has steps needs DDIM.
+
+Randomness comes from one torch.Generator per video, used only for that video's noise, so a
+video's sample does not depend on which other videos share its batch (or rank).
+"""
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ..diffusion.gaussian_diffusion import model_output_tensor
+from .noise_schedules import levels_to_timesteps, noise_levels, noise_schedules
+from ..errors import ConfigError, ScheduleError
+
+
+@dataclass
+class StageSettings:
+    noise_schedule: str = "full_sequence"
+    uncertainty_scale: float = 1.0
+    sampling_steps: int = 0  # levels per schedule; 0: the diffusion's number of (respaced) steps
+    stabilization_level: int = 0  # 0: off; k: generated observed frames at timestep k - 1 of the training chain
+    use_ddim: bool = False
+    eta: float = 0.0
+    clip_denoised: bool = True
+
+
+def training_steps(diffusion):
+    """Length of the chain the model was trained on (before respacing)."""
+    return getattr(diffusion, "original_num_steps", diffusion.num_timesteps)
+
+
+def check_settings(settings, diffusion):
+    """Raise a one-sentence ConfigError for settings this diffusion cannot sample, before any model call."""
+    N = diffusion.num_timesteps
+    if settings.noise_schedule not in noise_schedules:
+        raise ConfigError(f"unknown noise schedule {settings.noise_schedule!r}; valid names are "
+                        f"{', '.join(noise_schedules)}.")
+    S = settings.sampling_steps or N
+    if not 1 <= S <= N:
+        raise ConfigError(f"sampling_steps must be between 1 and the diffusion's {N} (respaced) steps, got {S}.")
+    if S < N and not settings.use_ddim:
+        raise ConfigError(f"sampling_steps={S} skips some of the diffusion's {N} steps, which only DDIM can do; "
+                        "pass --use_ddim True, or --timestep_respacing instead of --sampling_steps.")
+    if not (math.isfinite(settings.uncertainty_scale) and settings.uncertainty_scale >= 0):
+        raise ConfigError(f"uncertainty_scale must be a finite number >= 0, got {settings.uncertainty_scale}.")
+    if not 0 <= settings.stabilization_level <= training_steps(diffusion):
+        raise ConfigError(f"stabilization_level must be between 0 (off) and the {training_steps(diffusion)} "
+                        f"training diffusion steps, got {settings.stabilization_level}.")
+
+
+def stabilization_timestep(diffusion, level):
+    """Index in the diffusion's (respaced) chain at which stabilized frames are shown.
+
+    Diffusion Forcing shows them at timestep level - 1 of the training chain; after respacing we
+    take the last kept timestep at or below it (kept timesteps always include 0).
+    """
+    kept = list(getattr(diffusion, "timestep_map", range(diffusion.num_timesteps)))
+    return max(i for i, t in enumerate(kept) if t <= max(level - 1, kept[0]))
+
+
+def stage_levels(settings, num_latent, num_timesteps):
+    """The integer noise-level matrix [rows x num_latent] of one stage, and its S."""
+    S = settings.sampling_steps or num_timesteps
+    try:
+        return np.asarray(noise_levels(settings.noise_schedule, num_latent, S, settings.uncertainty_scale)), S
+    except ScheduleError as e:
+        raise ConfigError(str(e)) from None
+
+
+def video_generator(seed, sample_idx, video_index):
+    """The generator of one video's noise: a function of (seed, sample_idx, video index) only."""
+    state = np.random.SeedSequence([seed, sample_idx, video_index]).generate_state(2, dtype=np.uint32)
+    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
+def draw_noise(shape, counts, generators, device):
+    """Standard normal [B x K x C x H x W]; video b's first counts[b] frames come from generators[b] alone.
+
+    Slots past a video's own frame count (padding) get zeros, so how a batch is padded never
+    changes what a generator produces.
+    """
+    noise = torch.zeros(shape)
+    for b, n in enumerate(counts):
+        noise[b, :n] = torch.randn(n, *shape[2:], generator=generators[b])
+    return noise.to(device)
+
+
+def frame_batch(videos, obs_lists, latent_lists):
+    """Gather each video's stage frames (observed first, then latent), padded to one length.
+
+    Returns x0 [B x K x C x H x W], frame_indices [B x K], obs/latent masks [B x K x 1 x 1 x 1].
+    Padding slots repeat frame 0 and sit in neither mask.
+    """
+    B = videos.shape[0]
+    K = max(len(o) + len(l) for o, l in zip(obs_lists, latent_lists))
+    frame_indices = torch.zeros(B, K, dtype=torch.long)
+    obs_mask = torch.zeros(B, K, 1, 1, 1)
+    latent_mask = torch.zeros(B, K, 1, 1, 1)
+    for b, (obs, lat) in enumerate(zip(obs_lists, latent_lists)):
+        idx = list(obs) + list(lat)
+        frame_indices[b, : len(idx)] = torch.tensor(idx, dtype=torch.long)
+        obs_mask[b, : len(obs)] = 1
+        latent_mask[b, len(obs): len(idx)] = 1
+    x0 = torch.stack([videos[b, frame_indices[b].to(videos.device)] for b in range(B)])
+    return x0, frame_indices.to(videos.device), obs_mask.to(videos.device), latent_mask.to(videos.device)
+
+
+@torch.no_grad()
+def sample_stage(model, diffusion, videos, obs_lists, latent_lists, settings, generated=None, generators=None,
+                 callback=None):
+    """Generate one stage's latent frames and write them into `videos` (in place).
+
+    videos [B x T x C x H x W]; obs_lists/latent_lists: per video, lists of frame indices;
+    generated: bool [B x T], frames produced by the model so far (the ones stabilization applies
+    to; updated here); generators: one torch.Generator (or None: the global one) per video;
+    callback: called after every model call with a dict (row, previous, x, t_from, t_to, t_model,
+    pred_xstart), t_* being [B x K] timesteps per stage slot (-1: clean or not latent).
+    """
+    device = videos.device
+    check_settings(settings, diffusion)
+    x0, frame_indices, obs_mask, latent_mask = frame_batch(videos, obs_lists, latent_lists)
+    B, K = frame_indices.shape
+    generators = [None] * B if generators is None else list(generators)
+    n_obs = [len(o) for o in obs_lists]
+    n_lat = [len(l) for l in latent_lists]
+    counts = [o + l for o, l in zip(n_obs, n_lat)]
+    levels, S = stage_levels(settings, max(n_lat), diffusion.num_timesteps)
+    timesteps = levels_to_timesteps(levels, S, diffusion.num_timesteps)
+
+    # Column j of the matrix drives the j-th latent frame of every video.
+    column = torch.full((B, K), -1, dtype=torch.long)
+    for b in range(B):
+        column[b, n_obs[b]: counts[b]] = torch.arange(n_lat[b])
+    is_latent = column >= 0
+    is_obs = obs_mask.view(B, K).bool().cpu()
+    stabilized = torch.zeros(B, K, dtype=torch.bool)  # observed slots holding frames the model generated
+    if settings.stabilization_level and generated is not None:
+        for b in range(B):
+            stabilized[b, : n_obs[b]] = generated[b, torch.tensor(obs_lists[b], dtype=torch.long)].cpu()
+    stab_t = stabilization_timestep(diffusion, settings.stabilization_level)
+
+    def per_slot(row):
+        return torch.where(is_latent, timesteps[row][column.clamp(min=0)], torch.full_like(column, -1))
+
+    def as_mask(flags):
+        return flags.view(B, K, 1, 1, 1).to(device)
+
+    x = torch.where(latent_mask.bool(), draw_noise(x0.shape, counts, generators, device), x0)
+    for m in range(len(timesteps) - 1):
+        t_from, t_to = per_slot(m), per_slot(m + 1)
+        moving = is_latent & (t_to != t_from)
+        if not moving.any():
+            continue
+        done = is_latent & (t_from < 0)  # finished earlier in this stage: condition on it
+        current = int(t_from[moving].max())
+        t_model = torch.where(is_latent & ~done, t_from, torch.full_like(t_from, current))
+        shown = torch.where(as_mask(done), x, x0)
+        if settings.stabilization_level:
+            noisy = stabilized | done
+            t_model = torch.where(noisy, torch.full_like(t_model, stab_t), t_model)
+            stab_noise = draw_noise(x.shape, counts, generators, device)
+            t_noisy = torch.full((B, K), stab_t, dtype=torch.long, device=device)
+            shown = torch.where(as_mask(noisy), diffusion.q_sample(shown, t_noisy, stab_noise), shown)
+        kwargs = {
+            "x0": shown,
+            "frame_indices": frame_indices,
+            "obs_mask": as_mask(is_obs | done).float(),
+            "latent_mask": as_mask(is_latent & ~done).float(),
+        }
+        move_mask = as_mask(moving).float()
+        t_model_dev = t_model.to(device)
+        if settings.use_ddim:
+            step_noise = draw_noise(x.shape, counts, generators, device) if settings.eta > 0 else None
+            t_next = torch.where(moving, t_to, t_model).to(device)
+            out = diffusion.ddim_step(model, x, t_model_dev, t_next, settings.clip_denoised, model_kwargs=kwargs,
+                                      latent_mask=move_mask, eta=settings.eta, noise=step_noise)
+        else:  # check_settings guarantees that every moving frame drops exactly one step
+            step_noise = draw_noise(x.shape, counts, generators, device)
+            out = diffusion.p_sample(model, x, t_model_dev, settings.clip_denoised, model_kwargs=kwargs,
+                                     latent_mask=move_mask, noise=step_noise)
+        previous, x = x, out["sample"]
+        if callback is not None:
+            callback({"row": m, "previous": previous, "x": x, "t_from": t_from, "t_to": t_to, "t_model": t_model,
+                      "pred_xstart": out["pred_xstart"]})
+    for b in range(B):
+        for j, frame in enumerate(latent_lists[b]):  # in order, so a repeated latent frame keeps its last copy
+            videos[b, frame] = x[b, n_obs[b] + j]
+            if generated is not None:
+                generated[b, frame] = True
+    return videos
+
+
+def one_video_at_a_time(model):
+    """`model`, called on each video of a batch separately, so a video's result never depends on its batch.
+
+    Batched kernels (MKL, cuBLAS, cuDNN) pick their algorithm by batch size, so the same video
+    sampled in batches of 1 and of 8 differs in the last float bits, and sometimes in a saved
+    uint8 pixel. Calling the network per video makes samples bit-identical however the videos
+    are split into batches or ranks, at the cost of smaller model calls.
+    """
+
+    def call(x, t, **kwargs):
+        outs = []
+        for b in range(x.shape[0]):
+            one = {k: v[b: b + 1] if torch.is_tensor(v) else v for k, v in kwargs.items()}
+            outs.append(model_output_tensor(model(x[b: b + 1], t[b: b + 1], **one)))
+        return torch.cat(outs)
+
+    return call
+
+
+def per_video_lists(indices, batch_size):
+    """Accept a plan's output for one video (list of ints) or per video (list of lists)."""
+    if len(indices) and isinstance(indices[0], (list, tuple, np.ndarray, torch.Tensor)):
+        return [list(map(int, i)) for i in indices]
+    return [list(map(int, indices)) for _ in range(batch_size)]
+
+
+def sample_video(model, diffusion, videos, n_obs, plan, settings, generators=None, progress=False, callback=None):
+    """Fill frames n_obs.. of `videos` [B x T x C x H x W] stage by stage along `plan`; returns a new tensor.
+
+    `plan` is an iterable of (obs, latent) stages; plans that need the videos so far
+    (adaptive ones) expose `set_videos`, called before every stage. generators: one
+    torch.Generator per video (see `video_generator`), or None for torch's global one.
+    callback: see `sample_stage`; its dict also holds the stage number.
+    """
+    check_settings(settings, diffusion)
+    videos = videos.clone()
+    B, T = videos.shape[:2]
+    videos[:, n_obs:] = 0
+    generated = torch.zeros(B, T, dtype=torch.bool)
+    iterator = iter(plan)
+    bar = tqdm(desc="stages", disable=not progress, leave=False)
+    stage = 0
+    while True:
+        if hasattr(iterator, "set_videos"):
+            iterator.set_videos(videos)
+        try:
+            obs, latent = next(iterator)
+        except StopIteration:
+            break
+        stage_callback = None if callback is None else (lambda info, s=stage: callback({"stage": s, **info}))
+        sample_stage(model, diffusion, videos, per_video_lists(obs, B), per_video_lists(latent, B), settings,
+                     generated, generators, stage_callback)
+        stage += 1
+        bar.update(1)
+    bar.close()
+    return videos
+
+
+def preview_rollout(model, diffusion, given, T, max_frames, seed=0):
+    """A quick look at a model in training: `autoreg` from the frames `given` [n x C x H x W] to T frames.
+
+    Uses DDIM over the diffusion's (respaced) steps and a fixed per-video generator, so previews of
+    different steps differ only by the weights. Returns uint8 [T x C x H x W].
+    """
+    from .plans import sampling_schemes
+
+    n_obs = len(given)
+    videos = torch.zeros(1, T, *given.shape[1:], device=given.device)
+    videos[0, :n_obs] = given
+    plan = sampling_schemes["autoreg"](video_length=T, num_obs=n_obs, max_frames=max_frames,
+                                       step_size=max_frames - n_obs)
+    out = sample_video(model, diffusion, videos, n_obs, plan, StageSettings(use_ddim=True),
+                       generators=[video_generator(seed, 0, 0)])
+    return ((out[0].clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()

@@ -1,0 +1,264 @@
+"""Tests for the long-video sampler: FDM equivalence, schedule mechanics, stabilization, rollouts.
+
+A tiny random UNet checks exact agreement with the diffusion's own loops; a cheap spy model
+(a plain function that records what it is shown) checks the bookkeeping.
+"""
+
+import numpy as np
+import pytest
+import torch
+
+from improved_diffusion.sampling import noise_schedules as ns
+from improved_diffusion.sampling.noise_schedules import levels_to_timesteps
+from improved_diffusion.sampling.plans import plan_stages, resolve_scheme, sampling_schemes
+from improved_diffusion.script_util import DiffusionConfig, ModelConfig, UserError, create_diffusion, create_model
+from improved_diffusion.sampling.sampler import (
+    StageSettings,
+    sample_stage,
+    one_video_at_a_time,
+    sample_video,
+    stabilization_timestep,
+    video_generator,
+)
+
+C, H = 3, 16
+
+
+@pytest.fixture(scope="module")
+def unet():
+    """Tiny UNet with every weight random: the zero-initialised output layers would hide the inputs."""
+    torch.manual_seed(0)
+    model = create_model(ModelConfig(image_size=H, num_channels=32, channel_mult="1,2", attention_resolutions="8"))
+    with torch.no_grad():
+        for p in model.parameters():
+            if not p.any():
+                p.normal_(0, 0.05)
+    return model.eval()
+
+
+class Spy:
+    """Model stand-in that records every call; its eps prediction depends on all frames it is shown."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, x, t, x0=None, frame_indices=None, obs_mask=None, latent_mask=None):
+        self.calls.append({"t": t.clone(), "x0": x0.clone(), "obs_mask": obs_mask.clone(),
+                           "latent_mask": latent_mask.clone(), "frame_indices": frame_indices.clone()})
+        shown = x * (1 - obs_mask) + x0 * obs_mask
+        return 0.5 * shown + 0.3 * shown.mean(dim=1, keepdim=True)
+
+
+def random_videos(B, T, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(B, T, C, H, H, generator=g) * 2 - 1
+
+
+def diffusion_with(steps=100, respacing="4", rescale=True):
+    return create_diffusion(DiffusionConfig(diffusion_steps=steps, rescale_timesteps=rescale), respacing)
+
+
+# ---------- FDM's sampler
+
+
+@pytest.mark.parametrize("use_ddim", [False, True])
+def test_full_sequence_equals_fdm_sampler(unet, use_ddim):
+    """A full_sequence stage is exactly p_sample_loop / ddim_sample_loop on its frames, per video.
+
+    The model is called per video: batched kernels differ from unbatched ones in the last bits.
+    """
+    diffusion = diffusion_with(respacing="5")
+    videos = random_videos(2, 8)
+    obs_lists, latent_lists = [[0, 1, 2], [3, 0, 1]], [[4, 5], [6, 7]]
+    seeds = [11, 12]
+    out = videos.clone()
+    settings = StageSettings(use_ddim=use_ddim)
+    sample_stage(one_video_at_a_time(unet), diffusion, out, obs_lists, latent_lists, settings,
+                 generators=[torch.Generator().manual_seed(s) for s in seeds])
+    for b in range(2):
+        idx = obs_lists[b] + latent_lists[b]
+        n = len(obs_lists[b])
+        mask = torch.zeros(1, len(idx), 1, 1, 1)
+        mask[:, :n] = 1
+        kwargs = {"x0": videos[b, idx][None], "frame_indices": torch.tensor([idx]), "obs_mask": mask,
+                  "latent_mask": 1 - mask}
+        loop = diffusion.ddim_sample_loop if use_ddim else diffusion.p_sample_loop
+        expected = loop(unet, (1, len(idx), C, H, H), model_kwargs=kwargs,
+                        generator=torch.Generator().manual_seed(seeds[b]))
+        assert torch.equal(out[b, latent_lists[b]], expected[0, n:])
+        assert torch.equal(out[b, obs_lists[b]], videos[b, obs_lists[b]])
+
+
+# ---------- schedule mechanics
+
+
+@pytest.mark.parametrize("schedule", ["pyramid", "autoregressive", "trapezoid", "full_sequence"])
+@pytest.mark.parametrize("use_ddim", [False, True])
+def test_schedule_mechanics(monkeypatch, schedule, use_ddim):
+    diffusion = diffusion_with(respacing="4")
+    S = 2 if use_ddim else 4  # DDIM may skip steps; DDPM needs one level per step
+    h, u = 4, 1.0
+    original = ns.noise_schedules[schedule]
+    asked = []
+
+    def spy_schedule(*args):
+        asked.append(args)
+        return original(*args)
+
+    monkeypatch.setitem(ns.noise_schedules, schedule, spy_schedule)
+    steps = []
+    videos = random_videos(1, 6)
+    out = videos.clone()
+    settings = StageSettings(noise_schedule=schedule, uncertainty_scale=u, sampling_steps=S, use_ddim=use_ddim)
+    sample_stage(Spy(), diffusion, out, [[0, 1]], [[2, 3, 4, 5]], settings, callback=steps.append)
+
+    # The stage runs exactly the matrix that noise_schedules returns, row by row.
+    assert asked == [(h, S, u)]
+    rows = levels_to_timesteps(original(h, S, u), S, diffusion.num_timesteps)
+    transitions = [(rows[m], rows[m + 1]) for m in range(len(rows) - 1) if not torch.equal(rows[m], rows[m + 1])]
+    assert len(steps) == len(transitions)
+    for step, (t_from, t_to) in zip(steps, transitions):
+        assert torch.equal(step["t_from"][0, 2:], t_from) and torch.equal(step["t_to"][0, 2:], t_to)
+        assert (step["t_from"][0, :2] == -1).all()
+        moving = step["t_from"] != step["t_to"]
+        # Frames whose level does not change are untouched, bit for bit.
+        assert torch.equal(step["x"][~moving], step["previous"][~moving])
+        assert not torch.equal(step["x"][moving], step["previous"][moving])
+        if not use_ddim:
+            assert ((step["t_from"] - step["t_to"])[moving] == 1).all()
+    # Every frame finishes clean, and the stage writes the final state into the video.
+    assert (steps[-1]["t_to"][0, 2:] == -1).all()
+    assert torch.equal(out[0, 2:], steps[-1]["x"][0, 2:])
+    assert torch.equal(out[0, :2], videos[0, :2])
+
+
+def test_skipping_steps_without_ddim_is_a_user_error():
+    spy = Spy()
+    videos = random_videos(1, 4)
+    with pytest.raises(UserError, match="only DDIM"):
+        sample_stage(spy, diffusion_with(respacing="4"), videos, [[0]], [[1, 2]], StageSettings(sampling_steps=2))
+    for bad in (StageSettings(sampling_steps=5), StageSettings(noise_schedule="nope"),
+                StageSettings(noise_schedule="pyramid", uncertainty_scale=-1), StageSettings(stabilization_level=101)):
+        with pytest.raises(UserError):
+            sample_stage(spy, diffusion_with(respacing="4"), videos, [[0]], [[1, 2]], bad)
+    assert spy.calls == []  # refused before any model call
+
+
+# ---------- known frames
+
+
+def test_known_frames_are_never_modified():
+    """Given frames come out bit-identical; a generated frame never changes after its stage."""
+    diffusion = diffusion_with(respacing="4")
+    T, n_obs = 12, 2
+    videos = random_videos(2, T)
+    plan = sampling_schemes["hierarchy-2"](video_length=T, num_obs=n_obs, max_frames=6, step_size=3)
+    settings = StageSettings(noise_schedule="pyramid", stabilization_level=5)
+    last = {}
+
+    def record(info):
+        last[info["stage"]] = info["x"]
+
+    out = sample_video(Spy(), diffusion, videos, n_obs, plan, settings, callback=record)
+    assert torch.equal(out[:, :n_obs], videos[:, :n_obs])
+    assert torch.isfinite(out).all()
+    stages = plan_stages("hierarchy-2", T, n_obs, 6, 3)
+    assert len(stages) == len(last) > 2
+    for s, (obs, latent) in enumerate(stages):
+        assert torch.equal(out[:, latent], last[s][:, len(obs):])
+
+
+# ---------- stabilization
+
+
+def test_stabilization_shows_generated_frames_noisy_at_level_k():
+    diffusion = diffusion_with(respacing="", rescale=False)  # the spy then receives raw timesteps
+    k = 5
+    videos = random_videos(1, 6)
+    spy = Spy()
+    done_at_stage = []
+    plan = [([0, 1], [2, 3]), ([1, 2, 3], [4, 5])]
+    out = sample_video(spy, diffusion, videos, 2, plan, StageSettings(stabilization_level=k),
+                       callback=lambda info: done_at_stage.append((info["stage"], info["x"].clone())))
+    calls_0 = [c for c in spy.calls if c["frame_indices"][0, 0] == 0]
+    calls_1 = [c for c in spy.calls if c["frame_indices"][0, 0] == 1]
+    assert len(calls_0) == len(calls_1) == diffusion.num_timesteps
+    for c in calls_0:  # given frames: clean, at the timestep being denoised
+        assert torch.equal(c["t"][0, :2], c["t"][0, 2:])
+        assert torch.equal(c["x0"][0, :2], videos[0, :2])
+    stage_0_result = [x for s, x in done_at_stage if s == 0][-1][0, 2:]
+    for c in calls_1:
+        t = c["t"][0]
+        assert t[0] == t[3] and t[3] >= 0  # given frame 1: the current timestep
+        assert (t[1:3] == k - 1).all()  # generated frames 2, 3: timestep k - 1
+        assert torch.equal(c["x0"][0, 0], videos[0, 1])
+        # ... and shown noised to it, not clean.
+        shown = c["x0"][0, 1:3]
+        assert not torch.equal(shown, stage_0_result)
+        assert (shown - stage_0_result * diffusion.sqrt_alphas_cumprod[k - 1]).abs().max() < 10 * np.sqrt(
+            1 - diffusion.alphas_cumprod[k - 1])
+    # Their stored pixels never change.
+    assert torch.equal(out[0, 2:4], stage_0_result)
+    assert torch.equal(out[0, :2], videos[0, :2])
+
+
+def test_stabilization_marks_frames_finished_within_a_stage():
+    """With a staggered schedule, frames that finish early in a stage are conditioned on, stabilized."""
+    diffusion = diffusion_with(respacing="", rescale=False)
+    spy = Spy()
+    sample_stage(spy, diffusion, random_videos(1, 3), [[0]], [[1, 2]],
+                 StageSettings(noise_schedule="autoregressive", stabilization_level=3))
+    late = [c for c in spy.calls if c["obs_mask"][0, 1] == 1]  # frame 1 done, frame 2 still denoising
+    assert len(late) == diffusion.num_timesteps
+    assert all(c["t"][0, 1] == 2 and c["latent_mask"][0, 1] == 0 for c in late)
+
+
+def test_stabilization_timestep_respaced():
+    assert stabilization_timestep(diffusion_with(respacing=""), 5) == 4
+    respaced = diffusion_with(respacing="4")
+    assert respaced.timestep_map == [0, 33, 66, 99]
+    assert [stabilization_timestep(respaced, k) for k in (1, 33, 34, 66, 100)] == [0, 0, 1, 1, 3]
+
+
+# ---------- rollouts and reproducibility
+
+
+def test_stabilized_rollout_ten_times_the_window(unet):
+    """Diffusion Forcing's stabilized sliding-window rollout to 10x the model's window stays sane."""
+    K = 4
+    scheme = resolve_scheme("df-pyramid", K)
+    T, n_obs = 10 * K, K - scheme["step_size"]
+    plan = sampling_schemes[scheme["plan"]](video_length=T, num_obs=n_obs, max_frames=K,
+                                            step_size=scheme["step_size"])
+    settings = StageSettings(noise_schedule=scheme["noise_schedule"], uncertainty_scale=scheme["uncertainty_scale"],
+                             stabilization_level=scheme["stabilization_level"], use_ddim=True)
+    videos = random_videos(1, T)
+    widest = []
+    out = sample_video(unet, diffusion_with(respacing="3"), videos, n_obs, plan, settings,
+                       generators=[video_generator(0, 0, 0)],
+                       callback=lambda info: widest.append(info["x"].shape[1]))
+    assert max(widest) == K
+    assert torch.isfinite(out).all() and out.min() >= -1 and out.max() <= 1
+    assert torch.equal(out[:, :n_obs], videos[:, :n_obs])
+    assert (out[0, n_obs:].flatten(1).std(dim=1) > 0).all()  # every frame was generated
+
+
+def test_video_generator_depends_on_seed_sample_and_video_only():
+    draw = [torch.randn(4, generator=video_generator(*key)) for key in [(0, 0, 3), (0, 0, 3), (1, 0, 3),
+                                                                         (0, 1, 3), (0, 0, 4)]]
+    assert torch.equal(draw[0], draw[1])
+    assert all(not torch.equal(draw[0], d) for d in draw[2:])
+
+
+def test_batch_composition_does_not_change_a_video(unet):
+    diffusion = diffusion_with(respacing="3")
+    videos = random_videos(2, 6)
+
+    def run(batch):
+        plan = sampling_schemes["autoreg"](video_length=6, num_obs=2, max_frames=4, step_size=2)
+        settings = StageSettings(noise_schedule="pyramid")
+        return sample_video(one_video_at_a_time(unet), diffusion, videos[batch], 2, plan, settings,
+                            generators=[video_generator(0, 0, i) for i in batch])
+
+    together = run([0, 1])
+    assert torch.equal(together[1], run([1])[0])

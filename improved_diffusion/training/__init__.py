@@ -1,0 +1,1 @@
+"""Training: frame masks and per-frame noise levels, the data-parallel TrainLoop, crash-safe checkpoints."""

@@ -1,0 +1,312 @@
+"""TrainLoop: per-example randomness, microbatches, non-finite losses, keep_last, exact resume.
+
+Run as a script, this file is a worker that runs scripts/video_train.py and kills itself
+with SIGKILL halfway through writing the checkpoint file named by --kill_at, or sends
+itself SIGTERM (as Slurm does before pre-emption) during step --signal_at.
+"""
+
+import argparse
+import csv
+import os
+import runpy
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from improved_diffusion.training import checkpoint_io
+from improved_diffusion.errors import TrainingError
+from improved_diffusion.logger import Logger
+from improved_diffusion.script_util import DiffusionConfig, ModelConfig, UserError, create_diffusion, create_model
+from improved_diffusion.training.train_loop import TrainConfig, TrainLoop, training_batch, update_ema
+from improved_diffusion.data.datasets import get_dataset, train_batches
+
+REPO = Path(__file__).resolve().parents[2]
+TINY = ["--image_size", "16", "--num_channels", "32", "--channel_mult", "1,2", "--attention_resolutions", "8",
+        "--num_heads", "2", "--T", "10", "--max_frames", "4", "--diffusion_steps", "50"]
+# Everything that draws random numbers: dropout, mixed noise levels, microbatches, an lr schedule.
+RUN = TINY + ["--batch_size", "2", "--microbatch", "1", "--dropout", "0.1", "--noise_mode", "mixed",
+              "--lr_anneal_steps", "10", "--ema_rate", "0.9,0.99", "--save_interval", "2", "--log_interval", "1",
+              "--num_workers", "0"]
+STEP_NAMES = ["ema_0.9_000004.pt", "ema_0.99_000004.pt", "model000004.pt", "opt000004.pt"]
+
+
+# ----------------------------------------------------------------------------- per-example randomness
+
+
+def random_videos(n, seed):
+    return torch.rand(n, 10, 3, 8, 8, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+
+
+@pytest.mark.parametrize("noise_mode", ["fdm", "diffusion_forcing", "mixed"])
+def test_an_example_does_not_depend_on_how_the_batch_is_split(noise_mode):
+    videos, pads = random_videos(4, 0), random_videos(4, 1)
+    kwargs = dict(seed=3, step=7, max_frames=4, noise_mode=noise_mode, num_timesteps=100)
+    whole = training_batch(videos, pads, first_index=0, **kwargs)
+    halves = [training_batch(videos[:2], pads[:2], first_index=0, **kwargs),
+              training_batch(videos[2:], pads[2:], first_index=2, **kwargs)]
+    for key, value in whole.items():
+        assert torch.equal(value, torch.cat([h[key] for h in halves])), key
+    other_step = training_batch(videos, pads, first_index=0, **{**kwargs, "step": 8})
+    assert not torch.equal(whole["noise"], other_step["noise"])
+
+
+def test_examples_without_padding_frames_are_zero_padded_to_a_common_length():
+    videos = random_videos(6, 0)
+    batch = training_batch(videos, None, first_index=0, seed=0, step=0, max_frames=4, noise_mode="fdm",
+                           num_timesteps=100)
+    K = batch["x"].shape[1]
+    chosen = (batch["obs_mask"] + batch["latent_mask"]).view(6, K)
+    for b in range(6):
+        alone = training_batch(videos[b: b + 1], None, first_index=b, seed=0, step=0, max_frames=4,
+                               noise_mode="fdm", num_timesteps=100)
+        n = alone["x"].shape[1]
+        assert torch.equal(batch["x"][b, :n], alone["x"][0]) and torch.equal(batch["noise"][b, :n], alone["noise"][0])
+        assert chosen[b, n:].sum() == 0 and batch["x"][b, n:].abs().sum() == 0
+
+
+# ----------------------------------------------------------------------------- TrainLoop in this process
+
+
+def tiny_loop(tmp_path, monkeypatch, **overrides):
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    values = dict(batch_size=2, max_frames=4, T=10, save_interval=1000, log_interval=1, ema_rate="0.9", max_steps=4)
+    cfg = TrainConfig(**{**values, **overrides})
+    model_cfg = ModelConfig(image_size=16, num_channels=32, channel_mult="1,2", attention_resolutions="8",
+                            num_heads=2)
+    torch.manual_seed(0)
+    model = create_model(model_cfg)
+    diffusion = create_diffusion(DiffusionConfig(diffusion_steps=50))
+    batches = train_batches(get_dataset("bouncing_balls", T=10, image_size=16), 2 * cfg.batch_size, seed=0)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir(exist_ok=True)
+    logger = Logger(log_dir=str(run_dir), rank=0)
+    return TrainLoop(model=model, diffusion=diffusion, data=lambda step: next(batches), config=cfg,
+                     run_dir=str(run_dir), saved_config={"ema_rate": "0.9"}, logger=logger)
+
+
+def test_microbatches_give_the_full_batch_gradient(tmp_path, monkeypatch, one_thread):
+    grads = []
+    for microbatch in (-1, 1):
+        loop = tiny_loop(tmp_path, monkeypatch, microbatch=microbatch)
+        loop.run_step()
+        grads.append([p.grad.clone() for p in loop.params])
+    for full, accumulated in zip(*grads):
+        torch.testing.assert_close(accumulated, full, rtol=1e-4, atol=1e-7)
+    assert any(g.abs().sum() > 0 for g in grads[0])
+
+
+def test_nonfinite_losses_skip_steps_then_stop_with_the_last_checkpoint_intact(tmp_path, monkeypatch, one_thread):
+    loop = tiny_loop(tmp_path, monkeypatch, save_interval=3, max_nonfinite_steps=3, max_steps=20)
+    loop.model.register_forward_hook(lambda module, inputs, output: output * float("nan") if loop.step >= 3 else None)
+    with pytest.raises(TrainingError) as info:
+        loop.run()
+    assert isinstance(info.value, UserError)
+    message = str(info.value)
+    assert "3 consecutive non-finite losses at step 5" in message and "last checkpoint: step 3" in message
+    assert checkpoint_io.complete_steps(loop.run_dir, [0.9]) == [3]
+    saved = checkpoint_io.load(os.path.join(loop.run_dir, "model000003.pt"))["state_dict"]
+    assert all(torch.isfinite(v).all() for v in saved.values())
+    # The skipped steps changed nothing: the weights are still those of the checkpoint.
+    assert all(torch.equal(p, saved[name]) for name, p in loop.model.named_parameters())
+    with open(os.path.join(loop.run_dir, "progress.csv")) as f:
+        skipped = [row["nonfinite_skipped"] for row in csv.DictReader(f)]
+    assert skipped == ["", "", "", "1", "2"]  # the third skip raises before its row is written
+
+
+def test_keep_last_keeps_the_newest_complete_steps(tmp_path, monkeypatch, one_thread):
+    loop = tiny_loop(tmp_path, monkeypatch, save_interval=1, keep_last=2, max_steps=4)
+    loop.run()
+    assert checkpoint_io.complete_steps(loop.run_dir, [0.9]) == [3, 4]
+    assert sorted(n for n in os.listdir(loop.run_dir) if n.endswith(".pt")) == [
+        "ema_0.9_000003.pt", "ema_0.9_000004.pt", "model000003.pt", "model000004.pt", "opt000003.pt", "opt000004.pt"]
+
+
+# ----------------------------------------------------------------------------- the script: exact resume
+
+
+def script_env(tmp_path, wandb_mode="disabled"):
+    return dict(os.environ, WANDB_MODE=wandb_mode, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO),
+                WANDB_DIR=str(tmp_path), WANDB_CONFIG_DIR=str(tmp_path), WANDB_CACHE_DIR=str(tmp_path))
+
+
+def train(tmp_path, args, wandb_mode="disabled", worker_args=()):
+    cmd = [sys.executable, REPO / "scripts" / "video_train.py", *args]
+    if worker_args:
+        cmd = [sys.executable, __file__, *worker_args, "--", *args]
+    proc = subprocess.run([str(c) for c in cmd], cwd=REPO, env=script_env(tmp_path, wandb_mode), capture_output=True,
+                          text=True, timeout=180)
+    return proc
+
+
+def only_run(checkpoint_dir):
+    (run_dir,) = list(Path(checkpoint_dir).iterdir())
+    return run_dir
+
+
+def assert_bitwise_equal(dir_a, dir_b):
+    for name in STEP_NAMES:
+        a = checkpoint_io.load(str(dir_a / name))
+        b = checkpoint_io.load(str(dir_b / name))
+        tensors_a, tensors_b = flat(a), flat(b)
+        assert tensors_a.keys() == tensors_b.keys()
+        different = [k for k in tensors_a if not torch.equal(tensors_a[k], tensors_b[k])]
+        assert not different, f"{name}: {len(different)} tensors differ, e.g. {different[:3]}"
+
+
+def flat(obj, prefix=""):
+    """{path: tensor} of a nested dict/list (checkpoints), for comparing them tensor by tensor."""
+    if torch.is_tensor(obj):
+        return {prefix: obj}
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, (list, tuple)) else []
+    out = {}
+    for k, v in items:
+        out.update(flat(v, f"{prefix}/{k}"))
+    return out
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory):
+    """4 steps without interruption."""
+    tmp = tmp_path_factory.mktemp("straight")
+    proc = train(tmp, RUN + ["--max_steps", "4", "--checkpoint_dir", tmp / "ckpt"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return only_run(tmp / "ckpt")
+
+
+def test_a_resumed_run_is_bitwise_the_same_run(straight_run, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    first = train(tmp_path, RUN + ["--max_steps", "2", "--checkpoint_dir", ckpt], wandb_mode="offline")
+    assert first.returncode == 0, first.stderr[-3000:]
+    run_dir = only_run(ckpt)
+    # The new process is given only the run id (and a longer run), as after a pre-emption.
+    second = train(tmp_path, ["--wandb_id", run_dir.name, "--max_steps", "4", "--checkpoint_dir", ckpt],
+                   wandb_mode="offline")
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert f"resuming run {run_dir.name} from step 2" in second.stderr
+    assert_bitwise_equal(straight_run, run_dir)
+    with open(run_dir / "progress.csv") as f:
+        assert [int(row["step"]) for row in csv.DictReader(f)] == [1, 2, 3, 4]
+    # wandb (offline) continued the same run id.
+    segments = [p.name for p in (run_dir / "wandb").iterdir() if p.name.startswith("offline-run-")]
+    assert len(segments) == 2 and all(s.endswith(run_dir.name) for s in segments)
+
+
+def test_resume_checkpoint_starts_a_new_run_from_weights(straight_run, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    proc = train(tmp_path, RUN + ["--max_steps", "6", "--checkpoint_dir", ckpt,
+                                  "--resume_checkpoint", straight_run / "model000004.pt"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_dir = only_run(ckpt)
+    assert run_dir.name != straight_run.name
+    assert checkpoint_io.complete_steps(str(run_dir), [0.9, 0.99]) == [6]  # counted on from step 4
+
+
+@pytest.mark.parametrize("kill_at, resumes_from", [("ema_0.9_000002.pt", "step 0"),
+                                                   ("opt000004.pt", "step 2")])
+def test_kill_9_while_saving_then_resume(straight_run, tmp_path, kill_at, resumes_from):
+    ckpt = tmp_path / "ckpt"
+    killed = train(tmp_path, RUN + ["--max_steps", "4", "--checkpoint_dir", ckpt], worker_args=["--kill_at", kill_at])
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    run_dir = only_run(ckpt)
+    names = os.listdir(run_dir)
+    assert kill_at not in names and [n for n in names if n.startswith(checkpoint_io.TMP_PREFIX)]
+    resumed = train(tmp_path, ["--wandb_id", run_dir.name, "--checkpoint_dir", ckpt])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    if resumes_from == "step 0":  # killed before the first checkpoint: config.json restarts the run
+        assert "resuming run" not in resumed.stderr
+    else:
+        assert f"resuming run {run_dir.name} from {resumes_from}" in resumed.stderr
+    assert_bitwise_equal(straight_run, run_dir)
+    assert not [n for n in os.listdir(run_dir) if n.startswith(checkpoint_io.TMP_PREFIX)]
+
+
+def test_sigterm_saves_the_current_step_and_the_run_continues_from_it(straight_run, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    stopped = train(tmp_path, RUN + ["--max_steps", "4", "--checkpoint_dir", ckpt], worker_args=["--signal_at", "2"])
+    run_dir = only_run(ckpt)
+    assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr[-3000:]
+    assert f"Stopped by signal 15 at step 3, which is saved in {run_dir}" in stopped.stderr
+    assert checkpoint_io.complete_steps(str(run_dir), [0.9, 0.99]) == [2, 3]
+    resumed = train(tmp_path, ["--wandb_id", run_dir.name, "--checkpoint_dir", ckpt])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resuming run {run_dir.name} from step 3" in resumed.stderr
+    assert_bitwise_equal(straight_run, run_dir)
+
+
+def test_a_new_run_can_be_named(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    proc = train(tmp_path, TINY + ["--batch_size", "1", "--max_steps", "1", "--wandb_id", "myrun",
+                                   "--checkpoint_dir", ckpt])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resuming" not in proc.stderr
+    assert checkpoint_io.complete_steps(str(ckpt / "myrun"), [0.9999]) == [1]
+
+
+def test_user_errors_are_one_sentence_and_exit_2(tmp_path):
+    missing = tmp_path / "missing.pt"
+    proc = train(tmp_path, TINY + ["--resume_checkpoint", missing, "--checkpoint_dir", tmp_path / "ckpt"])
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [f"error: Checkpoint '{missing}' does not exist."]
+
+
+# ----------------------------------------------------------------------------- the worker
+
+
+def worker_main(argv):
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--kill_at", help="checkpoint file name to die while writing")
+    parser.add_argument("--signal_at", type=int, default=-1, help="step during which to receive SIGTERM")
+    opts, train_args = parser.parse_known_args(argv)
+    train_args = [a for a in train_args if a != "--"]
+    write = checkpoint_io.atomic_write_bytes
+
+    def write_or_die(data, path):
+        if os.path.basename(path) != opts.kill_at:
+            return write(data, path)
+        # Die as kill -9 would, halfway through the temporary file.
+        with open(os.path.join(os.path.dirname(path), checkpoint_io.TMP_PREFIX + "dying"), "wb") as f:
+            f.write(data[: len(data) // 2])
+            f.flush()
+            os.fsync(f.fileno())
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    run_step = TrainLoop.run_step
+
+    def run_step_and_signal(self):
+        if self.step == opts.signal_at:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return run_step(self)
+
+    checkpoint_io.atomic_write_bytes = write_or_die
+    TrainLoop.run_step = run_step_and_signal
+    script = REPO / "scripts" / "video_train.py"
+    sys.argv = [str(script), *train_args]
+    runpy.run_path(str(script), run_name="__main__")
+
+
+if __name__ == "__main__":
+    worker_main(sys.argv[1:])
+
+
+def test_update_ema_is_the_convex_combination_of_old_average_and_new_weights():
+    torch.manual_seed(0)
+    ema = [torch.randn(3, 4), torch.randn(5)]
+    params = [torch.randn(3, 4), torch.randn(5)]
+    expected = [0.9 * e + 0.1 * p for e, p in zip(ema, params)]
+    update_ema(ema, params, 0.9)
+    for got, want in zip(ema, expected):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_one_non_finite_gradient_element_is_found_among_huge_finite_ones(tmp_path, monkeypatch, bad):
+    loop = tiny_loop(tmp_path, monkeypatch)
+    for p in loop.params:
+        p.grad = torch.full_like(p, 3e38)  # finite, but its 2-norm would overflow
+    assert loop.grads_finite()
+    loop.params[-1].grad.view(-1)[0] = bad
+    assert not loop.grads_finite()

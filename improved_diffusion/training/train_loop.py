@@ -1,0 +1,382 @@
+"""TrainLoop: data-parallel training with EMA, crash-safe checkpoints and exact resume.
+
+Randomness is a pure function of the step, so a resumed run needs no saved RNG state to
+continue exactly where it stopped:
+
+- data: `data(step)` must be a pure function of (seed, step, rank), as
+  video_datasets.train_batches is;
+- frame masks, timesteps and noise: drawn per example from generators seeded with
+  (seed, step, global example index), where rank r's local example j is global example
+  r * batch_size + j. So N ranks with batch b see exactly the examples one rank with
+  batch N * b would (given the same videos), and the effective batch is b * N;
+- torch's global RNG (dropout is its only user in training): reseeded every step from
+  (seed, step, rank). Dropout masks are the one thing that depends on how the global
+  batch is split across ranks.
+
+SIGTERM or SIGUSR1 (what Slurm sends before pre-empting a job) makes every rank finish
+the current step, save it and raise Preempted, so a pre-empted job loses nothing.
+"""
+
+import copy
+import math
+import signal
+import threading
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm.auto import tqdm
+
+from .. import dist_util
+from ..checkpoints import read_checkpoint_file
+from ..errors import TrainingError
+from . import checkpoint_io
+from .frame_masks import training_example
+
+
+@dataclass
+class TrainConfig:
+    dataset: str = "bouncing_balls"
+    batch_size: int = 4  # per rank: the effective batch is batch_size x number of ranks
+    microbatch: int = -1  # -1: no gradient accumulation
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    lr_anneal_steps: int = 0  # linear decay of lr to 0 at this step (0: constant)
+    ema_rate: str = "0.9999"  # comma-separated list
+    log_interval: int = 10
+    save_interval: int = 50000
+    sample_interval: int = 50000
+    max_frames: int = 20
+    T: int = -1  # video length to train on; -1: the dataset's default
+    pad_with_random_frames: bool = True
+    num_workers: int = 0
+    noise_mode: str = "fdm"  # fdm | diffusion_forcing | mixed
+    max_steps: int = 0  # stop after this many steps (0: run forever, or until lr_anneal_steps)
+    seed: int = 0
+    checkpoint_dir: str = "checkpoints"
+    resume_checkpoint: str = ""  # start a new run from these weights (FDM's meaning)
+    wandb_id: str = ""  # resume this run
+    resume_id: str = ""  # FDM's spelling of --wandb_id
+    keep_last: int = 0  # keep only the newest K checkpoint steps (0: keep all)
+    max_nonfinite_steps: int = 20  # stop after this many consecutive non-finite losses
+    on_bad_video: str = "stop"  # stop | skip: what an unreadable or malformed video does to training
+
+
+def parse_ema_rates(text):
+    return [float(r) for r in str(text).split(",") if r.strip()]
+
+
+def example_generators(seed, step, index):
+    """numpy and torch generators of one training example, from (seed, step, global example index)."""
+    rng = np.random.default_rng([seed, step, index])
+    torch_gen = torch.Generator().manual_seed(int(rng.integers(0, 2**62)))
+    return rng, torch_gen
+
+
+def step_seed(seed, step, rank):
+    """Seed of torch's global RNG (dropout) for one step of one rank."""
+    return int(np.random.default_rng([seed, step, rank, 0xD209]).integers(0, 2**62))
+
+
+def collate(examples):
+    """Stack per-example dicts of [1 x K_i x ...] tensors, zero-padding the frame axis to the largest K_i.
+
+    Zero frames in neither mask are padding frames: the model keeps them apart from the
+    real ones (they only attend to each other) and the loss ignores them.
+    """
+    K = max(ex["x"].shape[1] for ex in examples)
+    batch = {}
+    for key in examples[0]:
+        parts = []
+        for ex in examples:
+            value = ex[key]
+            if value.dim() >= 2 and value.shape[1] < K:
+                pad = torch.zeros(1, K - value.shape[1], *value.shape[2:], dtype=value.dtype)
+                value = torch.cat([value, pad], dim=1)
+            parts.append(value)
+        batch[key] = torch.cat(parts)
+    return batch
+
+
+def training_batch(videos, pad_videos, first_index, seed, step, max_frames, noise_mode, num_timesteps):
+    """One rank's training examples: frames, masks, timesteps and noise, example j being global example first_index + j.
+
+    videos, pad_videos: [B x T x C x H x W] (pad_videos None: no padding frames). Returns
+    training_example's dict plus `noise` and `obs_noise` (like `x`).
+    """
+    examples = []
+    for j in range(len(videos)):
+        rng, torch_gen = example_generators(seed, step, first_index + j)
+        pad = None if pad_videos is None else pad_videos[j: j + 1]
+        example = training_example(videos[j: j + 1], pad, max_frames, noise_mode, num_timesteps, rng)
+        example["noise"] = torch.randn(example["x"].shape, generator=torch_gen)
+        example["obs_noise"] = torch.randn(example["x"].shape, generator=torch_gen)
+        examples.append(example)
+    return collate(examples)
+
+
+def update_ema(target_params, source_params, rate):
+    """target <- rate * target + (1 - rate) * source, as one multi-tensor operation."""
+    with torch.no_grad():
+        torch._foreach_lerp_(list(target_params), list(source_params), 1 - rate)
+
+
+def to_cpu(obj):
+    """A copy of a nested dict/list of tensors with every tensor on the CPU."""
+    if torch.is_tensor(obj):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_cpu(v) for v in obj)
+    return obj
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class Preempted(Exception):
+    """A stop signal arrived and the step reached was saved; `exit_code` is 128 + the signal number."""
+
+    def __init__(self, signum, step, run_dir):
+        self.exit_code = 128 + signum
+        super().__init__(f"Stopped by signal {signum} at step {step}, which is saved in {run_dir}; "
+                         f"continue with --wandb_id.")
+
+
+class TrainLoop:
+    """Trains `model` on batches from `data(step)` -> [2B x T x C x H x W] videos in [-1, 1].
+
+    The first B videos are trained on; the other B provide padding frames (FDM). Only rank
+    0 logs and writes files.
+    """
+
+    def __init__(self, *, model, diffusion, data, config: TrainConfig, run_dir, saved_config, logger,
+                 device=None, start_step=0, preview=None):
+        self.model = model
+        self.diffusion = diffusion
+        self.data = data
+        self.cfg = config
+        self.run_dir = run_dir
+        self.saved_config = saved_config
+        self.logger = logger
+        self.device = device or dist_util.dev()
+        self.rank = dist_util.get_rank()
+        self.world_size = dist_util.get_world_size()
+        self.ema_rates = parse_ema_rates(config.ema_rate)
+        self.microbatch = config.microbatch if config.microbatch > 0 else config.batch_size
+        self.step = start_step
+        self.last_saved_step = None
+        self.nonfinite_in_a_row = 0
+        self.stop_signal = None
+
+        self.preview = preview  # callable(step, ema_model), run on rank 0 every sample_interval steps
+        self.params = list(model.parameters())
+        dist_util.sync_params(self.params)  # before the EMA copies: every rank starts from rank 0's weights
+        # foreach: one multi-tensor update instead of a Python loop over parameters (CPU default).
+        self.opt = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=config.weight_decay, foreach=True)
+        self.ema_params = [[p.detach().clone() for p in self.params] for _ in self.ema_rates]
+        if self.world_size > 1:
+            self.ddp_model = DDP(model, device_ids=[self.device] if self.device.type == "cuda" else None)
+        else:
+            self.ddp_model = model
+
+    # ------------------------------------------------------------------ resume
+
+    def load_state(self, step):
+        """Restore model, every EMA, optimizer and step from a complete checkpoint step.
+
+        Rank 0 reads the files and sends their contents to the others, so only rank 0
+        needs to see the checkpoint directory.
+        """
+        states = None
+        if self.rank == 0:
+            *ema_files, model_file, opt_file = checkpoint_io.step_files(self.run_dir, step, self.ema_rates)
+            states = (read_checkpoint_file(model_file)["state_dict"],
+                      [read_checkpoint_file(path)["state_dict"] for path in ema_files],
+                      read_checkpoint_file(opt_file)["optimizer"])
+        model_state, ema_states, opt_state = dist_util.broadcast_object(states)
+        self.model.load_state_dict(model_state)
+        names = [name for name, _ in self.model.named_parameters()]
+        with torch.no_grad():
+            for ema, state in zip(self.ema_params, ema_states):
+                for p, name in zip(ema, names):
+                    p.copy_(state[name])
+        self.opt.load_state_dict(opt_state)
+        self.step = self.last_saved_step = step
+
+    # ------------------------------------------------------------------ training
+
+    def lr_at(self, step):
+        if not self.cfg.lr_anneal_steps:
+            return self.cfg.lr
+        return self.cfg.lr * max(0.0, 1 - step / self.cfg.lr_anneal_steps)
+
+    def done(self):
+        if self.cfg.max_steps and self.step >= self.cfg.max_steps:
+            return True
+        return bool(self.cfg.lr_anneal_steps) and self.step >= self.cfg.lr_anneal_steps
+
+    def request_stop(self, signum, frame):
+        self.stop_signal = signum
+
+    def run(self):
+        bar = tqdm(initial=self.step, total=self.cfg.max_steps or None, disable=self.rank != 0, desc="train",
+                   dynamic_ncols=True)
+        last_time, last_step = time.time(), self.step
+        handlers = {}
+        if threading.current_thread() is threading.main_thread():
+            handlers = {s: signal.signal(s, self.request_stop) for s in STOP_SIGNALS}
+        try:
+            while not self.done():
+                loss = self.run_step()
+                self.step += 1
+                bar.update(1)
+                if loss is not None:
+                    bar.set_postfix(loss=f"{loss:.4f}")
+                if self.step % self.cfg.log_interval == 0:
+                    now = time.time()
+                    steps_per_s = (self.step - last_step) / max(now - last_time, 1e-9)
+                    self.logger.logkv("steps_per_sec", steps_per_s)
+                    self.logger.logkv("samples_per_sec", steps_per_s * self.cfg.batch_size * self.world_size)
+                    self.logger.logkv("lr", self.lr_at(self.step - 1))
+                    self.logger.logkv("step", self.step)
+                    self.logger.dump(self.step)
+                    last_time, last_step = now, self.step
+                if self.step % self.cfg.save_interval == 0:
+                    self.save()
+                if self.preview is not None and self.rank == 0 and self.cfg.sample_interval > 0 \
+                        and self.step % self.cfg.sample_interval == 0:
+                    self.preview(self.step, self.ema_model())
+                if dist_util.any_rank(self.stop_signal is not None):  # every rank stops at the same step
+                    if self.last_saved_step != self.step:
+                        self.save()
+                    raise Preempted(int(self.stop_signal or signal.SIGTERM), self.step, self.run_dir)
+        finally:
+            bar.close()
+            for s, handler in handlers.items():
+                signal.signal(s, handler)
+        if self.last_saved_step != self.step:
+            self.save()
+
+    def ema_model(self):
+        """A copy of the model holding the first EMA rate's weights, in eval mode (for previews)."""
+        model = copy.deepcopy(self.model)
+        with torch.no_grad():
+            for p, e in zip(model.parameters(), self.ema_params[0]):
+                p.copy_(e)
+        return model.eval()
+
+    def run_step(self):
+        """One optimizer step; returns rank 0's mean loss, or None when the step was skipped."""
+        torch.manual_seed(step_seed(self.cfg.seed, self.step, self.rank))  # dropout
+        videos = self.data(self.step)
+        B = self.cfg.batch_size
+        batch = training_batch(videos[:B], videos[B:] if self.cfg.pad_with_random_frames else None,
+                               first_index=self.rank * B, seed=self.cfg.seed, step=self.step,
+                               max_frames=self.cfg.max_frames, noise_mode=self.cfg.noise_mode,
+                               num_timesteps=self.diffusion.num_timesteps)
+        for group in self.opt.param_groups:
+            group["lr"] = self.lr_at(self.step)
+        self.opt.zero_grad(set_to_none=True)
+        total = 0.0
+        for start in range(0, B, self.microbatch):
+            end = min(start + self.microbatch, B)
+            loss, terms, t, trained = self.microbatch_loss(batch, start, end)
+            scaled = loss * (end - start) / B
+            if end >= B or self.world_size == 1:
+                scaled.backward()  # DDP averages the accumulated gradients over ranks here
+            else:
+                with self.ddp_model.no_sync():
+                    scaled.backward()
+            total += float(loss.detach()) * (end - start) / B
+            self.log_loss_terms(terms, t, trained)
+        if not dist_util.all_ranks_agree(math.isfinite(total) and self.grads_finite()):
+            return self.skip_step()
+        self.nonfinite_in_a_row = 0
+        self.opt.step()
+        for rate, ema in zip(self.ema_rates, self.ema_params):
+            update_ema(ema, self.params, rate)
+        return total
+
+    def grads_finite(self):
+        """Whether every gradient of this rank is finite."""
+        grads = [p.grad for p in self.params if p.grad is not None]
+        # The max-abs norm is non-finite exactly when some element is (it cannot overflow).
+        return bool(torch.isfinite(torch.stack(torch._foreach_norm(grads, float("inf")))).all()) if grads else True
+
+    def skip_step(self):
+        self.nonfinite_in_a_row += 1
+        self.opt.zero_grad(set_to_none=True)
+        self.logger.logkv("nonfinite_skipped", self.nonfinite_in_a_row)
+        self.logger.info(f"step {self.step}: non-finite loss, optimizer step skipped")
+        if self.nonfinite_in_a_row >= self.cfg.max_nonfinite_steps:
+            saved = self.last_saved_step
+            last = "no checkpoint yet" if saved is None else f"last checkpoint: step {saved}"
+            raise TrainingError(
+                f"Training stopped after {self.nonfinite_in_a_row} consecutive non-finite losses at step "
+                f"{self.step} ({last}, in {self.run_dir})."
+            )
+        return None
+
+    def microbatch_loss(self, batch, start, end):
+        dev = self.device
+        part = {k: v[start:end].to(dev) for k, v in batch.items()}
+        x, t = part["x"], part["t"]
+        obs_mask, latent_mask = part["obs_mask"], part["latent_mask"]
+        x0 = x
+        if part["noisy_obs"].any():
+            # Observed frames shown slightly noisy (mixed mode): noise them to their own t.
+            x0 = torch.where(part["noisy_obs"].bool(), self.diffusion.q_sample(x, t, part["obs_noise"]), x)
+        # Loss on every frame that is not observed: latent and padding frames (FDM).
+        loss_mask = 1 - obs_mask if self.cfg.pad_with_random_frames else latent_mask
+        model_kwargs = {"x0": x0, "frame_indices": part["frame_indices"], "obs_mask": obs_mask,
+                        "latent_mask": latent_mask}
+        terms = self.diffusion.training_losses(self.ddp_model, x, t, model_kwargs, noise=part["noise"],
+                                               latent_mask=loss_mask)
+        return terms["loss"].mean(), terms, t, loss_mask
+
+    def log_loss_terms(self, terms, t, trained):
+        """Mean of each loss term, overall and per quarter of the timestep range."""
+        B = t.shape[0]
+        if t.dim() == 2:  # per-frame t: the mean t of each example's trained frames
+            weights = trained.view(B, -1)
+            t_example = (t.float() * weights).sum(1) / weights.sum(1).clamp(min=1)
+        else:
+            t_example = t.float()
+        quarter = (4 * t_example / self.diffusion.num_timesteps).long().clamp(max=3)
+        for key, values in terms.items():
+            values = values.detach().float()
+            self.logger.logkv_mean(key, values.mean().item())
+            for q in range(4):
+                sel = values[quarter == q]
+                if len(sel):
+                    self.logger.logkv_mean(f"{key}_q{q}", sel.mean().item())
+
+    # ------------------------------------------------------------------ saving
+
+    def save(self):
+        """Write EMA, model and optimizer files for this step (rank 0), each atomically."""
+        if self.rank == 0:
+            names = [name for name, _ in self.model.named_parameters()]
+            model_state = to_cpu(self.model.state_dict())
+            for rate, ema, path in zip(self.ema_rates, self.ema_params, self.step_files()):
+                state = copy.copy(model_state)
+                state.update({n: p.detach().cpu() for n, p in zip(names, ema)})
+                checkpoint_io.atomic_save(self.checkpoint_dict(state), path)
+            *_, model_file, opt_file = self.step_files()
+            checkpoint_io.atomic_save(self.checkpoint_dict(model_state), model_file)
+            checkpoint_io.atomic_save({"optimizer": to_cpu(self.opt.state_dict()), "step": self.step}, opt_file)
+            checkpoint_io.remove_old_steps(self.run_dir, self.ema_rates, self.cfg.keep_last)
+            self.logger.info(f"saved step {self.step} to {self.run_dir}")
+        self.last_saved_step = self.step
+        dist_util.barrier()
+
+    def step_files(self):
+        return checkpoint_io.step_files(self.run_dir, self.step, self.ema_rates)
+
+    def checkpoint_dict(self, state_dict):
+        return {"config": dict(self.saved_config), "state_dict": state_dict, "step": self.step}
+
