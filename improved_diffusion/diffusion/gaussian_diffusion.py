@@ -150,7 +150,7 @@ class GaussianDiffusion:
         return mean, variance, log_variance
 
     def q_sample(self, x_start, t, noise=None, latent_mask=None):
-        """Draw x_t ~ q(x_t | x_0) for latent frames; other frames stay x_start."""
+        """Draw x_t ~ q(x_t | x_0) for the frames in `latent_mask` (all when None); other frames stay x_start."""
         if noise is None:
             noise = torch.randn_like(x_start)
         x_t = (

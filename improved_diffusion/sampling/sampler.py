@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from ..diffusion.gaussian_diffusion import model_output_tensor
 from .noise_schedules import levels_to_timesteps, noise_levels, noise_schedules
 from ..errors import ConfigError, ScheduleError
+from ..frame_batch import gather_frames
 
 
 @dataclass
@@ -107,23 +108,13 @@ def draw_noise(shape, counts, generators, device):
 
 
 def frame_batch(videos, obs_lists, latent_lists):
-    """Gather each video's stage frames (observed first, then latent), padded to one length.
+    """Each video's stage frames (observed first, then latent) in slots; padding repeats frame 0.
 
     Returns x0 [B x K x C x H x W], frame_indices [B x K], obs/latent masks [B x K x 1 x 1 x 1].
-    Padding slots repeat frame 0 and sit in neither mask.
     """
-    B = videos.shape[0]
-    K = max(len(o) + len(l) for o, l in zip(obs_lists, latent_lists))
-    frame_indices = torch.zeros(B, K, dtype=torch.long)
-    obs_mask = torch.zeros(B, K, 1, 1, 1)
-    latent_mask = torch.zeros(B, K, 1, 1, 1)
-    for b, (obs, lat) in enumerate(zip(obs_lists, latent_lists)):
-        idx = list(obs) + list(lat)
-        frame_indices[b, : len(idx)] = torch.tensor(idx, dtype=torch.long)
-        obs_mask[b, : len(obs)] = 1
-        latent_mask[b, len(obs): len(idx)] = 1
-    x0 = torch.stack([videos[b, frame_indices[b].to(videos.device)] for b in range(B)])
-    return x0, frame_indices.to(videos.device), obs_mask.to(videos.device), latent_mask.to(videos.device)
+    batch = gather_frames(videos, [list(o) + list(l) for o, l in zip(obs_lists, latent_lists)],
+                          [[True] * len(o) + [False] * len(l) for o, l in zip(obs_lists, latent_lists)])
+    return batch["x"], batch["frame_indices"], batch["obs_mask"], batch["latent_mask"]
 
 
 @torch.no_grad()
@@ -181,7 +172,7 @@ def sample_stage(model, diffusion, videos, obs_lists, latent_lists, settings, ge
             t_model = torch.where(noisy, torch.full_like(t_model, stab_t), t_model)
             stab_noise = draw_noise(x.shape, counts, generators, device)
             t_noisy = torch.full((B, K), stab_t, dtype=torch.long, device=device)
-            shown = torch.where(as_mask(noisy), diffusion.q_sample(shown, t_noisy, stab_noise), shown)
+            shown = diffusion.q_sample(shown, t_noisy, stab_noise, latent_mask=as_mask(noisy))
         kwargs = {
             "x0": shown,
             "frame_indices": frame_indices,

@@ -19,6 +19,8 @@ Every random choice takes an explicit numpy Generator, so a batch is a pure func
 import numpy as np
 import torch
 
+from ..frame_batch import gather_frames
+
 NOISE_MODES = ("fdm", "diffusion_forcing", "mixed")
 MIXED_PER_FRAME_PROB = 0.5
 MIXED_NOISY_OBS_PROB = 0.25
@@ -71,22 +73,14 @@ def gather_training_batch(videos, pad_videos, obs, latent, max_frames, rng):
     B, T = obs.shape
     chosen = obs | latent
     K = max_frames if pad_videos is not None else int(chosen.sum(axis=1).max())
-    x = torch.zeros(B, K, *videos.shape[2:], dtype=videos.dtype)
-    frame_indices = torch.zeros(B, K, dtype=torch.long)
-    obs_mask = torch.zeros(B, K, 1, 1, 1)
-    latent_mask = torch.zeros(B, K, 1, 1, 1)
-    for b in range(B):
-        idx = np.flatnonzero(chosen[b])
-        n = len(idx)
-        x[b, :n] = videos[b, idx]
-        frame_indices[b, :n] = torch.from_numpy(idx)
-        obs_mask[b, :n, 0, 0, 0] = torch.from_numpy(obs[b, idx].astype(np.float32))
-        latent_mask[b, :n, 0, 0, 0] = torch.from_numpy(latent[b, idx].astype(np.float32))
-        if n < K and pad_videos is not None:
-            pad_idx = rng.integers(0, T, size=K - n)
-            x[b, n:] = pad_videos[b, pad_idx]
-            frame_indices[b, n:] = torch.from_numpy(pad_idx)
-    return {"x": x, "frame_indices": frame_indices, "obs_mask": obs_mask, "latent_mask": latent_mask}
+    frames = [np.flatnonzero(chosen[b]) for b in range(B)]
+
+    def pad(b, n):
+        pad_idx = rng.integers(0, T, size=n)
+        return pad_videos[b, pad_idx], pad_idx
+
+    return gather_frames(videos, frames, [obs[b, frames[b]] for b in range(B)], K,
+                         pad=None if pad_videos is None else pad)
 
 
 def sample_timesteps(noise_mode, batch_size, num_frames, num_timesteps, rng):

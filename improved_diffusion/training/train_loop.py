@@ -329,7 +329,7 @@ class TrainLoop:
         x0 = x
         if part["noisy_obs"].any():
             # Observed frames shown slightly noisy (mixed mode): noise them to their own t.
-            x0 = torch.where(part["noisy_obs"].bool(), self.diffusion.q_sample(x, t, part["obs_noise"]), x)
+            x0 = self.diffusion.q_sample(x, t, part["obs_noise"], latent_mask=part["noisy_obs"])
         # Loss on every frame that is not observed: latent and padding frames (FDM).
         loss_mask = 1 - obs_mask if self.cfg.pad_with_random_frames else latent_mask
         model_kwargs = {"x0": x0, "frame_indices": part["frame_indices"], "obs_mask": obs_mask,
