@@ -10,6 +10,7 @@ setup(
         # torch is installed first by the Makefile as torch==2.13.0; any 2.x works.
         "torch>=2.1",
         "numpy",
+        "scipy",  # linear_sum_assignment for the CARLA WD metric
         "tqdm",
         "mpi4py",
         "mpich; platform_system == 'Linux'",

@@ -2,12 +2,16 @@
 
     python scripts/video_eval.py --eval_dir results/<run>/<checkpoint>/<scheme>
     python scripts/video_eval.py --eval_dir DIR --metrics psnr,ssim,fvd --i3d_path i3d_torchscript.pt
+    python scripts/video_eval.py --eval_dir DIR --metrics wd,po \
+        --carla_classifier checkpoints/carla-regressor/classifier_checkpoint.pth \
+        --carla_regressor checkpoints/carla-regressor/regressor_checkpoint.pth
 
 Reads DIR/sampling_config.json and DIR/samples/*.npy (as written by video_sample.py), compares each
 sample with the first T frames of the same test video, and writes DIR/metrics.json (per-frame values,
 overall means over the generated frames, skipped metrics and why) and DIR/<metric>_per_frame.png.
 Default metrics: PSNR, SSIM and LPIPS (if the `lpips` package is installed), FVD when --i3d_path is
-given, cue recall on the cue_recall dataset. Problems end with one sentence and exit code 2.
+given, WD and PO (FDM's CARLA metrics) when the CARLA networks are given, cue recall on the
+cue_recall dataset. Problems end with one sentence and exit code 2.
 """
 
 import argparse
@@ -17,39 +21,30 @@ from pathlib import Path
 # Lets the script run from a checkout that was not pip-installed; an installed package is the same code.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from improved_diffusion import cli  # noqa: E402
 from improved_diffusion.evaluation.evaluate import METRICS, evaluate_eval_dir, format_value  # noqa: E402
-from improved_diffusion.script_util import ArgumentParser, UserError  # noqa: E402
-from improved_diffusion.data.datasets import DatasetError  # noqa: E402
 
 
 def create_argparser():
-    p = ArgumentParser(prog="video_eval.py", description=__doc__,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.ArgumentParser(prog="video_eval.py", description=__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--eval_dir", required=True, help="a video_sample.py output folder")
     p.add_argument("--metrics", default="", help=f"comma-separated, from {','.join(METRICS)} (default: all that apply)")
     p.add_argument("--i3d_path", default=None, help="TorchScript I3D (StyleGAN-V's i3d_torchscript.pt), for FVD")
+    p.add_argument("--carla_classifier", default=None, help="CARLA cell classifier weights, for WD and PO")
+    p.add_argument("--carla_regressor", default=None, help="CARLA coordinate regressor weights, for WD and PO")
     p.add_argument("--max_videos", type=int, default=None, help="only samples of test videos 0..max_videos-1")
     p.add_argument("--data_root", default=None, help="where the datasets are (default: datasets/ of this repo)")
     return p
 
 
 def main(args):
-    result = evaluate_eval_dir(args.eval_dir, args.metrics, args.i3d_path, args.max_videos, args.data_root)
+    result = evaluate_eval_dir(args.eval_dir, args.metrics, args.i3d_path, args.max_videos, args.data_root,
+                               carla_classifier=args.carla_classifier, carla_regressor=args.carla_regressor)
     for name, value in result["overall"].items():
         print(f"{name}: {format_value(value)}")
     print(f"{result['n_videos']} videos, {result['overall_frames']}; wrote {Path(args.eval_dir) / 'metrics.json'}")
 
 
-def cli(argv=None):
-    """Run main; a problem the user can fix ends with one line on stderr and exit code 2."""
-    args = create_argparser().parse_args(argv)
-    try:
-        main(args)
-    except (UserError, DatasetError) as e:
-        print(f"video_eval.py: error: {e}", file=sys.stderr)
-        return 2
-    return 0
-
-
 if __name__ == "__main__":
-    sys.exit(cli())
+    sys.exit(cli.run(main, create_argparser()))

@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import DatasetError
+from .pixels import from_uint8
 
 REPO_DATASETS = Path(__file__).resolve().parents[2] / "datasets"
 SPLITS = ("train", "test")
@@ -99,6 +100,8 @@ def _user_folder(name_or_path):
     folder = Path(name_or_path).expanduser()
     if folder.is_dir():
         return folder
+    if folder.exists():
+        raise DatasetError(f"Dataset path {folder} is a file, not a folder of videos or a registered name.")
     raise DatasetError(
         f"Unknown dataset {str(name_or_path)!r}: it is neither a registered name "
         f"({', '.join(DATASET_NAMES)}) nor an existing folder."
@@ -126,6 +129,12 @@ def default_image_size(name):
     return USER_FOLDER_IMAGE_SIZE
 
 
+def dataset_folder(name, data_root=None):
+    """Where a registered file dataset lives: `<data root>/<its path>` (see the table above)."""
+    root = Path(data_root).expanduser() if data_root is not None else REPO_DATASETS
+    return root / DATASETS[name].path
+
+
 def get_dataset(name_or_path, split="train", T=None, image_size=None, seed=0, data_root=None, on_bad_video="stop"):
     """
     Build a dataset by registered name or folder path.
@@ -151,7 +160,7 @@ def get_dataset(name_or_path, split="train", T=None, image_size=None, seed=0, da
     spec = DATASETS[name]
     if spec.kind == "procedural":
         return ProceduralDataset(name, split, T, image_size, _procedural_module(name), seed)
-    folder = root / spec.path
+    folder = dataset_folder(name, data_root)
     if not folder.is_dir():
         raise DatasetError(f"Dataset {name!r} was not found at {folder}; download it with `{spec.download}`.")
     if spec.kind == "carla":
@@ -570,10 +579,11 @@ def cached_copy(path, source_root):
 
 def to_model_range(frames, image_size):
     """
-    uint8 [T x H x W x 3] -> float32 [T x 3 x S x S] in [-1, 1]: resize so the
-    shorter side is S (area averaging when shrinking), then crop the centre.
+    uint8 [T x H x W x 3] -> float32 [T x 3 x S x S] in [-1, 1]: `pixels.from_uint8`, then
+    resize so the shorter side is S (area averaging when shrinking), then crop the centre.
+    Both resizings average neighbouring pixels, so the result stays in [-1, 1] up to round-off.
     """
-    x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float()
+    x = from_uint8(torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2))
     height, width = x.shape[-2:]
     if (height, width) != (image_size, image_size):
         scale = image_size / min(height, width)
@@ -584,7 +594,7 @@ def to_model_range(frames, image_size):
             x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
         top, left = (size[0] - image_size) // 2, (size[1] - image_size) // 2
         x = x[:, :, top : top + image_size, left : left + image_size]
-    return (x / 127.5 - 1).clamp(-1, 1).contiguous()
+    return x.clamp(-1, 1).contiguous()
 
 
 # ---------------------------------------------------------------------------

@@ -403,6 +403,22 @@ def test_user_folder_bad_data(tmp_path):
     assert len(train) + len(test) == 3
 
 
+def test_folder_of_unreadable_files_is_one_sentence(tmp_path):
+    folder = tmp_path / "unreadable"
+    folder.mkdir()
+    (folder / "a.npy").write_bytes(b"not an array")
+    (folder / "b.gif").write_bytes(b"GIF89a broken")
+    for T in (None, 4):
+        with pytest.raises(DatasetError) as error:
+            get_dataset(str(folder), T=T, image_size=8)
+        message = str(error.value)
+        assert str(folder) in message and "\n" not in message and message.endswith(".")
+    with pytest.raises(DatasetError, match="nor an existing folder"):
+        get_dataset(str(tmp_path / "missing"))
+    with pytest.raises(DatasetError, match="is a file, not a folder"):
+        get_dataset(str(folder / "a.npy"))
+
+
 def test_data_root_copies_on_first_access(tmp_path, monkeypatch):
     make_npy_dataset(tmp_path / "src", "minerl_navigate-torch", {"train": 2, "test": 1})
     cache = tmp_path / "fast"

@@ -27,18 +27,28 @@ sampled positions that are outliers, i.e. farther than a threshold from every
 position the car visits in the training data (off the road). The Wasserstein
 order (p = 1, in metres) and the threshold (OUTLIER_THRESHOLD) are our choices;
 `carla_metrics` also reports PO over final frames only, in case that was meant.
+The optimal matching behind WD is scipy's `linear_sum_assignment`.
+
+Where it is used: scripts/video_eval.py (--carla_classifier, --carla_regressor) reports WD and
+PO; scripts/video_to_world_coords.py writes each sample's coordinates to `<eval_dir>/coords/`;
+scripts/carla_regressor_train.py trains the two networks.
 """
 
 import copy
 import dataclasses
+import json
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn as nn
+from scipy.optimize import linear_sum_assignment
 from tqdm import tqdm
 
+from ..checkpoints import read_checkpoint_file
+from ..errors import CheckpointError, ConfigError, DatasetError
 from .metrics import to_pixel_scale
+from .samples import find_samples, read_sample
 
 # FDM's grid for the classifier: 10 x 10 cells over [-10, 400]^2 metres.
 TOWN01_RANGE = (-10.0, 400.0)
@@ -50,6 +60,7 @@ RESNET152_LAYERS = (3, 8, 36, 3)
 # Our choice: a position more than this many metres from every training position is off the road.
 OUTLIER_THRESHOLD = 5.0
 KINDS = ("classifier", "regressor")
+COORDS_DIR = "coords"  # beside samples/ in a results folder, as in FDM
 
 
 # ---------------------------------------------------------------------------
@@ -160,7 +171,7 @@ def build_model(kind, config=CoordinateModelConfig()):
         return ResNet(config.layers, config.width, num_outputs=config.num_cells)
     if kind == "regressor":
         return MultiHeadRegressor(config)
-    raise ValueError(f"Unknown model kind {kind!r}; choose one of {KINDS}.")
+    raise ConfigError(f"Unknown model kind {kind!r}; choose one of {KINDS}.")
 
 
 def save_model(path, model, kind, config):
@@ -176,13 +187,10 @@ def load_model(path, kind, device="cpu", config=None):
     A bare state dict carries no config; it is read as `config`, by default FDM's
     ResNet-152.
     """
-    try:
-        checkpoint = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"Could not read a {kind} checkpoint from {path} ({type(e).__name__}).") from None
-    if isinstance(checkpoint, dict) and "state_dict" in checkpoint:
+    checkpoint = _read_state(path, f"the weights of a {kind}")
+    if "state_dict" in checkpoint:
         if checkpoint.get("kind", kind) != kind:
-            raise ValueError(f"{path} holds a {checkpoint['kind']}, not a {kind}.")
+            raise CheckpointError(f"{path} holds a {checkpoint['kind']}, not a {kind}.")
         config = CoordinateModelConfig.from_dict(checkpoint["config"])
         state = checkpoint["state_dict"]
     else:
@@ -192,8 +200,26 @@ def load_model(path, kind, device="cpu", config=None):
         model.load_state_dict(state)
     except (RuntimeError, TypeError, AttributeError) as e:
         first_line = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise ValueError(f"{path} does not hold weights for a {kind} with config {config} ({first_line}).") from None
+        raise CheckpointError(f"{path} does not hold weights for a {kind} with config {config} ({first_line}).") from None
     return model.to(device).eval()
+
+
+def check_device(device):
+    """A ConfigError unless torch can run on `device` here."""
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"--device {device!r} is not a torch device (e.g. cpu, cuda, cuda:1).") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {device} asks for CUDA, which is not available here; use --device cpu.")
+
+
+def _read_state(path, what):
+    """The dict a weights file holds (read with weights_only=True), or a CheckpointError naming the file."""
+    data = read_checkpoint_file(path)
+    if not isinstance(data, dict):
+        raise CheckpointError(f"'{path}' holds a {type(data).__name__}, not {what}.")
+    return data
 
 
 def load_models(classifier_path, regressor_path, device="cpu"):
@@ -249,6 +275,36 @@ def video_coords(videos, classifier, regressor, batch_size=8):
     return np.stack([predict_coords(v, classifier, regressor, batch_size) for v in videos])
 
 
+def coords_path(sample_path):
+    """Where the coordinates of a sample file go: `<eval_dir>/coords/<sample file name>`, as FDM's
+    `video_to_world_coords.py` saves them."""
+    sample_path = Path(sample_path)
+    return sample_path.parent.parent / COORDS_DIR / sample_path.name
+
+
+def write_world_coords(eval_dir, classifier_path, regressor_path, batch_size=8, device="cpu", log=print):
+    """Regress every sample of a results folder to (x, y) per frame, saved as float64 [T x 2] `.npy`
+    files under `<eval_dir>/coords/` (FDM's layout). Files already there are kept, so an
+    interrupted run resumes. Returns the paths of the coordinate files."""
+    if batch_size < 1:
+        raise ConfigError(f"--batch_size must be at least 1, got {batch_size}.")
+    check_device(device)
+    found = find_samples(eval_dir)
+    classifier, regressor = load_models(classifier_path, regressor_path, device)
+    written = []
+    for sample, _, _ in tqdm(found, desc="world coordinates"):
+        target = coords_path(sample)
+        if not target.exists():
+            coords = predict_coords(read_sample(sample, channels=3), classifier, regressor, batch_size)
+            target.parent.mkdir(exist_ok=True)
+            part = target.with_name(target.name + ".part.npy")
+            np.save(part, coords)
+            part.replace(target)
+        written.append(target)
+    log(f"Wrote the coordinates of {len(written)} samples to {Path(eval_dir) / COORDS_DIR}.")
+    return written
+
+
 # ---------------------------------------------------------------------------
 # Dataset files
 # ---------------------------------------------------------------------------
@@ -257,9 +313,11 @@ def video_coords(videos, classifier, regressor, batch_size=8):
 def read_split(data_dir, split):
     """(video path, coords path) pairs listed in `video_<split>.csv` of a CARLA directory."""
     data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise DatasetError(f"The CARLA folder {data_dir} does not exist.")
     split_file = data_dir / f"video_{split}.csv"
     if not split_file.exists():
-        raise ValueError(f"No split file {split_file}; a CARLA directory lists its videos in video_<split>.csv.")
+        raise DatasetError(f"No split file {split_file}; a CARLA directory lists its videos in video_<split>.csv.")
     pairs = []
     for line in split_file.read_text().splitlines():
         name = line.strip().split("/")[-1]
@@ -269,10 +327,10 @@ def read_split(data_dir, split):
         coords_path = data_dir / (Path(name).stem.replace("video_", "coords_", 1) + ".npy")
         for p in (video_path, coords_path):
             if not p.exists():
-                raise ValueError(f"{split_file} lists {name} but {p} does not exist.")
+                raise DatasetError(f"{split_file} lists {name} but {p} does not exist.")
         pairs.append((video_path, coords_path))
     if not pairs:
-        raise ValueError(f"{split_file} lists no videos.")
+        raise DatasetError(f"{split_file} lists no videos.")
     return pairs
 
 
@@ -286,9 +344,9 @@ def load_video(path):
         else:
             video = np.load(path)
     except Exception as e:
-        raise ValueError(f"Could not read a video from {path} ({type(e).__name__}).") from None
+        raise DatasetError(f"Could not read a video from {path} ({type(e).__name__}).") from None
     if video.ndim != 4 or 3 not in (video.shape[1], video.shape[3]):
-        raise ValueError(f"{path} holds shape {video.shape}, not an RGB video.")
+        raise DatasetError(f"{path} holds shape {video.shape}, not an RGB video.")
     if video.shape[1] != 3:  # channels last, as FDM's .pt files
         video = video.transpose(0, 3, 1, 2)
     return np.ascontiguousarray(video)
@@ -299,9 +357,9 @@ def load_coords(path):
     try:
         coords = np.load(path)
     except Exception as e:
-        raise ValueError(f"Could not read coordinates from {path} ({type(e).__name__}).") from None
+        raise DatasetError(f"Could not read coordinates from {path} ({type(e).__name__}).") from None
     if coords.ndim != 2 or coords.shape[1] < 2:
-        raise ValueError(f"{path} holds shape {coords.shape}; coordinates must be [T x D] with D >= 2.")
+        raise DatasetError(f"{path} holds shape {coords.shape}; coordinates must be [T x D] with D >= 2.")
     return coords[:, :2].astype(np.float64)
 
 
@@ -318,7 +376,7 @@ def frame_batches(pairs, batch_size, rng, videos_per_chunk=8, frames_per_video=N
         for i in order[start:start + videos_per_chunk]:
             video, xy = load_video(pairs[i][0]), load_coords(pairs[i][1])
             if len(video) != len(xy):
-                raise ValueError(f"{pairs[i][0]} has {len(video)} frames but {pairs[i][1]} has {len(xy)} rows.")
+                raise DatasetError(f"{pairs[i][0]} has {len(video)} frames but {pairs[i][1]} has {len(xy)} rows.")
             keep = np.arange(len(video))
             if frames_per_video is not None and frames_per_video < len(video):
                 keep = np.sort(rng.choice(len(video), frames_per_video, replace=False))
@@ -359,9 +417,14 @@ def train_coordinate_model(data_dir, kind, config=CoordinateModelConfig(), epoch
     from pretrained features; its final layer is ignored.
     """
     if kind not in KINDS:
-        raise ValueError(f"Unknown model kind {kind!r}; choose one of {KINDS}.")
-    if epochs < 1:
-        raise ValueError(f"epochs must be at least 1, got {epochs}.")
+        raise ConfigError(f"Unknown model kind {kind!r}; choose one of {KINDS}.")
+    for name, value in (("epochs", epochs), ("batch_size", batch_size), ("videos_per_chunk", videos_per_chunk)):
+        if value < 1:
+            raise ConfigError(f"--{name} must be at least 1, got {value}.")
+    if frames_per_video is not None and frames_per_video < 1:
+        raise ConfigError(f"--frames_per_video must be at least 1, got {frames_per_video}.")
+    if not lr > 0:
+        raise ConfigError(f"--lr must be positive, got {lr}.")
     train_pairs, test_pairs = read_split(data_dir, "train"), read_split(data_dir, "test")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -371,7 +434,7 @@ def train_coordinate_model(data_dir, kind, config=CoordinateModelConfig(), epoch
         state = {k: v for k, v in init_state.items() if not k.startswith("fc.")}
         missing, unexpected = trunk.load_state_dict(state, strict=False)
         if unexpected or [k for k in missing if not k.startswith("fc.")]:
-            raise ValueError("init_state does not match the ResNet trunk of this config.")
+            raise CheckpointError("The initial weights do not match the ResNet trunk of this config.")
     model.to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=7, gamma=0.1)
@@ -404,68 +467,39 @@ def train_coordinate_model(data_dir, kind, config=CoordinateModelConfig(), epoch
     return model.eval(), history
 
 
+def train_and_save(out, data_dir, kind, layers=RESNET152_LAYERS, width=64, init_from=None, **train_kwargs):
+    """`train_coordinate_model`, then save the best weights to `out` and the loss history beside it
+    (`<out stem>.history.json`). `init_from`: a ResNet state dict file to start from."""
+    if Path(out).is_dir():
+        raise ConfigError(f"--out {out} is a folder; name the checkpoint file to write.")
+    if width < 1 or min(layers) < 1:
+        raise ConfigError(f"--width and --layers must be at least 1, got width {width} and layers {list(layers)}.")
+    check_device(train_kwargs.get("device", "cpu"))
+    config = CoordinateModelConfig(layers=tuple(layers), width=width)
+    init_state = None
+    if init_from is not None:
+        try:
+            init_state = _read_state(init_from, "a ResNet state dict")
+        except CheckpointError as e:
+            raise CheckpointError(f"--init_from: {e}") from None
+    model, history = train_coordinate_model(data_dir, kind, config=config, init_state=init_state, **train_kwargs)
+    save_model(out, model, kind, config)
+    Path(out).with_suffix(".history.json").write_text(json.dumps(history, indent=1))
+    return model, history
+
+
 # ---------------------------------------------------------------------------
 # Metrics on coordinates
 # ---------------------------------------------------------------------------
-
-
-def linear_sum_assignment(cost):
-    """Minimum-cost assignment of rows to columns (Hungarian method, O(n^2 m)).
-
-    Returns (rows, cols) like scipy's function of the same name, for an n x m
-    cost matrix with n <= m (a taller matrix is transposed). The shortest
-    augmenting path formulation with potentials (Kuhn-Munkres as in Jonker &
-    Volgenant), with its inner loop vectorised over columns.
-    """
-    cost = np.asarray(cost, dtype=np.float64)
-    if cost.ndim != 2:
-        raise ValueError(f"The cost matrix must be 2-D, got shape {cost.shape}.")
-    if cost.shape[0] > cost.shape[1]:
-        cols, rows = linear_sum_assignment(cost.T)
-        order = np.argsort(rows)
-        return rows[order], cols[order]
-    n, m = cost.shape
-    u, v = np.zeros(n + 1), np.zeros(m + 1)
-    match = np.zeros(m + 1, dtype=np.int64)  # match[j]: 1-based row assigned to column j (0 = none)
-    way = np.zeros(m + 1, dtype=np.int64)
-    for i in range(1, n + 1):
-        match[0], j0 = i, 0
-        minv = np.full(m + 1, np.inf)
-        used = np.zeros(m + 1, dtype=bool)
-        while True:
-            used[j0] = True
-            i0 = match[j0]
-            free = ~used[1:]
-            reduced = cost[i0 - 1] - u[i0] - v[1:]
-            better = free & (reduced < minv[1:])
-            minv[1:][better] = reduced[better]
-            way[1:][better] = j0
-            candidates = np.where(free, minv[1:], np.inf)
-            j1 = int(np.argmin(candidates)) + 1
-            delta = candidates[j1 - 1]
-            used_cols = np.nonzero(used)[0]
-            u[match[used_cols]] += delta
-            v[used_cols] -= delta
-            minv[1:][free] -= delta
-            j0 = j1
-            if match[j0] == 0:
-                break
-        while j0:  # augment along the path
-            j1 = way[j0]
-            match[j0] = match[j1]
-            j0 = j1
-    cols = np.nonzero(match[1:])[0]
-    rows = match[1:][cols] - 1
-    order = np.argsort(rows)
-    return rows[order], cols[order]
 
 
 def wasserstein_distance(coords_a, coords_b, p=1):
     """p-Wasserstein distance between two equal-size empirical distributions of points.
 
     With N points each and uniform weights an optimal transport plan is a
-    permutation (Birkhoff), so W_p = (min over matchings of mean ||a - b||^p)^(1/p).
-    p = 1 is the earth mover's distance, in the coordinates' units (metres).
+    permutation (Birkhoff), so W_p = (min over matchings of mean ||a - b||^p)^(1/p);
+    scipy's `linear_sum_assignment` finds that matching. p = 1 is the earth mover's
+    distance, in the coordinates' units (metres).
     """
     a, b = np.asarray(coords_a, dtype=np.float64), np.asarray(coords_b, dtype=np.float64)
     if a.ndim != 2 or a.shape != b.shape:
@@ -550,3 +584,14 @@ def carla_metrics(sample_coords, real_coords, train_coords, threshold=OUTLIER_TH
         n_videos=len(samples),
         threshold=float(threshold),
     )
+
+
+def training_positions(data_dir):
+    """Every (x, y) the car visits in the training split of a CARLA folder, [N x 2]: PO's road."""
+    return np.concatenate([load_coords(coords) for _, coords in read_split(data_dir, "train")])
+
+
+def carla_metrics_of_videos(samples, truth, classifier, regressor, train_coords, batch_size=8):
+    """`carla_metrics` of sampled and real videos [N x T x 3 x H x W], both regressed by the same networks."""
+    return carla_metrics(video_coords(samples, classifier, regressor, batch_size),
+                         video_coords(truth, classifier, regressor, batch_size), train_coords)

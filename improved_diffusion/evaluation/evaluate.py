@@ -7,13 +7,12 @@ the dataset named in the config, so each sample is compared with that video's fi
 Per-frame metrics (PSNR, SSIM, LPIPS) are averaged over samples for every frame index. Their
 overall value is the mean over the *generated* frames (n_obs..T-1) only: the observed frames are
 copies of the ground truth (infinite PSNR) and would say nothing about the sampler. Video metrics
-(FVD, cue recall) use whole videos. `evaluate_eval_dir` writes everything to `metrics.json`
+(FVD, cue recall) use whole videos; WD and PO (CARLA, see carla_coords.py) use the
+regressed positions of whole videos. `evaluate_eval_dir` writes everything to `metrics.json`
 (non-finite numbers as JSON's Infinity / NaN, which Python's json reads back) and one PNG per
 per-frame metric.
 """
 
-import copy
-import json
 import math
 import os
 import sys
@@ -22,16 +21,24 @@ import numpy as np
 import torch
 
 from ..data import cue_recall as cue
+from ..data.datasets import dataset_folder
+from ..errors import ConfigError, EvalError
+from ..results import read_sampling_config, write_json_atomic
+from . import carla_coords
+from .ground_truth import GroundTruth
 from .metrics import MetricUnavailable, fvd, load_i3d, load_lpips, lpips_distance, psnr, ssim
 from .plots import plot_per_frame
-from .. import results
-from ..errors import DatasetError, EvalError
-from ..results import read_sampling_config
-from ..data.datasets import cached_copy, get_dataset, video_length
+from .samples import find_samples, read_sample
 
-METRICS = ("psnr", "ssim", "lpips", "fvd", "cue_recall")
+METRICS = ("psnr", "ssim", "lpips", "fvd", "cue_recall", "wd", "po")
 PER_FRAME_METRICS = ("psnr", "ssim", "lpips")
-HIGHER_IS_BETTER = {"psnr": True, "ssim": True, "lpips": False, "fvd": False, "cue_recall": True}
+CARLA_METRICS = ("wd", "po")  # need the CARLA classifier and regressor (carla_coords.py)
+CARLA_DATASET = "carla_no_traffic"
+HIGHER_IS_BETTER = {"psnr": True, "ssim": True, "lpips": False, "fvd": False, "cue_recall": True, "wd": False,
+                    "po": False}
+FVD_NEEDS_I3D = "FVD needs the I3D network: pass --i3d_path i3d_torchscript.pt (from StyleGAN-V)."
+CARLA_NEEDS_MODELS = ("WD and PO need the CARLA coordinate networks: pass --carla_classifier PATH and "
+                      "--carla_regressor PATH (FDM's classifier_checkpoint.pth and regressor_checkpoint.pth).")
 
 
 # ---------------------------------------------------------------------------
@@ -39,90 +46,19 @@ HIGHER_IS_BETTER = {"psnr": True, "ssim": True, "lpips": False, "fvd": False, "c
 # ---------------------------------------------------------------------------
 
 
-def find_samples(eval_dir, max_videos=None):
-    """`results.find_samples`, refusing a folder without samples."""
-    found = results.find_samples(eval_dir, max_videos)
-    if not found:
-        raise EvalError(f"{os.path.join(eval_dir, results.SAMPLE_DIR)} holds no sample_<index>-<sample_idx>.npy files.")
-    return found
-
-
-def _stored_length(dataset, index):
-    """Frames available in test video `index`, or None when any length can be made (procedural data)."""
-    lengths = getattr(dataset, "lengths", None)
-    if lengths is not None:
-        return int(lengths[index])
-    paths = getattr(dataset, "paths", None)
-    if paths is not None:
-        return video_length(cached_copy(paths[index], dataset.source_root))
-    return None
-
-
-def to_uint8(video):
-    """float [-1, 1] -> uint8, rounded the way video_sample.py saves samples."""
-    x = video.numpy() if isinstance(video, torch.Tensor) else np.asarray(video)
-    return np.clip(np.round((x + 1.0) * 127.5), 0, 255).astype(np.uint8)
-
-
-class GroundTruth:
-    """The test videos a sampling run conditioned on, as uint8 [t x C x H x W] with t <= T.
-
-    The dataset is built the way video_sample.py builds it (T = max(n_obs, 1)), so that for folder
-    datasets, which leave out videos shorter than T, an index names the same video.
-    """
-
-    def __init__(self, config, data_root=None):
-        self.config = config
-        self.data_root = data_root
-        # Datasets do not depend on the training seed; a sampling config may record another one.
-        self.seed = int(config.get("data_seed", 0))
-        self.dataset = self._dataset(max(int(config.get("n_obs", 0)), 1))
-        self._procedural = {}  # T -> dataset: generated videos come at any length
-
-    def _dataset(self, T):
-        try:
-            return get_dataset(self.config["dataset"], split="test", T=T, image_size=int(self.config["image_size"]),
-                               seed=self.seed, data_root=self.data_root)
-        except DatasetError as e:
-            raise EvalError(f"The ground truth is unavailable: {e}") from None
-        except KeyError as e:
-            raise EvalError(f"sampling_config.json has no {e.args[0]!r} entry.") from None
-
-    def video(self, index, T):
-        if not 0 <= index < len(self.dataset):
-            raise EvalError(f"Ground-truth video {index} does not exist: the test split of "
-                            f"{self.config['dataset']!r} has {len(self.dataset)} videos.")
-        try:
-            length = _stored_length(self.dataset, index)
-            if length is None:
-                if T not in self._procedural:
-                    self._procedural[T] = self._dataset(T)
-                return to_uint8(self._procedural[T].video(index))
-            view = copy.copy(self.dataset)  # the same files, read up to T frames
-            view.T = min(T, length)
-            return to_uint8(view.video(index))
-        except DatasetError as e:
-            raise EvalError(f"Ground-truth video {index} could not be read: {e}") from None
-
-
-def load_pairs(eval_dir, config, max_videos=None, data_root=None):
+def load_pairs(eval_dir, config, max_videos=None, data_root=None, sample_idx=None):
     """Samples and their ground truth: (names, samples [N x T x C x H x W], truth [N x t x C x H x W], notes).
 
     t < T when the ground-truth videos are shorter than the samples; then the first t frames are
-    compared, and a note says so.
+    compared, and a note says so. `sample_idx` keeps only the samples with that index.
     """
-    found = find_samples(eval_dir, max_videos)
+    found = find_samples(eval_dir, max_videos, sample_idx)
     truth_source = GroundTruth(config, data_root)
     notes = []
     names, samples, truths = [], [], []
     for path, index, _ in found:
         name = os.path.basename(path)
-        try:
-            sample = np.load(path, allow_pickle=False)
-        except (OSError, ValueError) as e:
-            raise EvalError(f"Sample {path} could not be read ({e}).") from None
-        if sample.dtype != np.uint8 or sample.ndim != 4:
-            raise EvalError(f"Sample {name} is {sample.dtype} of shape {sample.shape}, not uint8 [T x C x H x W].")
+        sample = read_sample(path)
         if samples and sample.shape != samples[0].shape:
             raise EvalError(f"Sample {name} has shape {sample.shape} but {names[0]} has {samples[0].shape}.")
         truth = truth_source.video(index, len(sample))
@@ -151,25 +87,29 @@ def load_pairs(eval_dir, config, max_videos=None, data_root=None):
 # ---------------------------------------------------------------------------
 
 
-def parse_metrics(text, dataset, have_i3d=False):
+def parse_metrics(text, dataset, have_i3d=False, have_carla=False):
     """The metrics to compute: `text` ("psnr,ssim,...") or, if empty, every one that applies.
 
-    By default that is PSNR, SSIM and LPIPS, FVD when an I3D file is given, and cue recall on the
-    cue_recall dataset.
+    By default that is PSNR, SSIM and LPIPS, FVD when an I3D file is given, WD and PO when the
+    CARLA networks are given, and cue recall on the cue_recall dataset.
     """
     if text:
         names = [m.strip().lower() for m in str(text).split(",") if m.strip()]
         unknown = [m for m in names if m not in METRICS]
         if unknown:
-            raise EvalError(f"Unknown metric {unknown[0]!r}; choose from {', '.join(METRICS)}.")
+            raise EvalError(f"Unknown metric {unknown[0]!r} in --metrics; choose from {', '.join(METRICS)}.")
         if "fvd" in names and not have_i3d:
-            raise EvalError("FVD needs the I3D network: pass --i3d_path i3d_torchscript.pt (from StyleGAN-V).")
+            raise EvalError(FVD_NEEDS_I3D)
+        if any(m in CARLA_METRICS for m in names) and not have_carla:
+            raise EvalError(CARLA_NEEDS_MODELS)
         return list(dict.fromkeys(names))
     names = ["psnr", "ssim", "lpips"]
     if have_i3d:
         names.append("fvd")
     if dataset == "cue_recall":
         names.append("cue_recall")
+    if have_carla:
+        names.extend(CARLA_METRICS)
     return names
 
 
@@ -179,16 +119,47 @@ def _mean(values):
     return float(values.mean()) if values.size else float("nan")
 
 
-def compute_metrics(samples, truth, n_obs, metrics, dataset=None, i3d_path=None, lpips_model=None, detector=None):
+def _device():
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load_detector(i3d_path):
+    """The I3D network for FVD, checked before any video is read."""
+    if not os.path.isfile(i3d_path):
+        raise EvalError(f"--i3d_path {i3d_path} does not exist or is not a file.")
+    try:
+        return load_i3d(i3d_path, device=_device())
+    except ValueError as e:
+        raise EvalError(f"--i3d_path: {e}") from None
+
+
+def load_carla(classifier_path, regressor_path, dataset, data_root=None):
+    """(classifier, regressor, training positions) for WD and PO, checked before any video is read.
+
+    The training positions (PO's road) exist only for the CARLA dataset; elsewhere they are None
+    and WD/PO are reported as skipped.
+    """
+    if classifier_path is None or regressor_path is None:
+        raise ConfigError(CARLA_NEEDS_MODELS)
+    classifier, regressor = carla_coords.load_models(classifier_path, regressor_path, _device())
+    train = None
+    if dataset == CARLA_DATASET:
+        train = carla_coords.training_positions(dataset_folder(CARLA_DATASET, data_root))
+    return classifier, regressor, train
+
+
+def compute_metrics(samples, truth, n_obs, metrics, dataset=None, i3d_path=None, lpips_model=None, detector=None,
+                    carla=None, fvd_batch_size=8):
     """Metrics of samples [N x T x C x H x W] against truth [N x t x C x H x W] (uint8), t <= T.
 
     Returns dict(per_frame={name: [t values]}, overall={name: value}, skipped={name: reason},
-    details={name: extra values}). `metrics` comes from `parse_metrics`.
+    details={name: extra values}). `metrics` comes from `parse_metrics`; `carla` from `load_carla`.
     """
     t = truth.shape[1]
     frames = samples[:, :t]
     generated = slice(n_obs, t) if n_obs < t else slice(0, t)
     result = dict(per_frame={}, overall={}, skipped={}, details={})
+    carla_scores = None
     for name in metrics:
         try:
             if name in PER_FRAME_METRICS:
@@ -202,7 +173,10 @@ def compute_metrics(samples, truth, n_obs, metrics, dataset=None, i3d_path=None,
                 result["per_frame"][name] = [_mean(values[:, f]) for f in range(t)]
                 result["overall"][name] = _mean(values[:, generated])
             elif name == "fvd":
-                result["overall"]["fvd"], result["details"]["fvd"] = _fvd(frames, truth, i3d_path, detector)
+                if detector is None:
+                    detector = load_detector(i3d_path) if i3d_path else None
+                result["overall"]["fvd"], result["details"]["fvd"] = _fvd(frames, truth, i3d_path, detector,
+                                                                          fvd_batch_size)
             elif name == "cue_recall":
                 if dataset != "cue_recall":
                     raise MetricUnavailable(f"cue recall skipped: it applies to the cue_recall dataset, "
@@ -216,29 +190,36 @@ def compute_metrics(samples, truth, n_obs, metrics, dataset=None, i3d_path=None,
                                                        recall_when_shown=scores["recall_when_shown"],
                                                        matches=scores["matches"],
                                                        ground_truth_recall=cue.cue_recall(truth)["recall"])
+            elif name in CARLA_METRICS:
+                if carla is None:
+                    raise EvalError(CARLA_NEEDS_MODELS)
+                if dataset != CARLA_DATASET or carla[2] is None:
+                    raise MetricUnavailable(f"{name} skipped: it applies to the {CARLA_DATASET} dataset, "
+                                            f"not {dataset!r}.")
+                if carla_scores is None:  # one regression serves both metrics
+                    carla_scores = carla_coords.carla_metrics_of_videos(frames, truth, *carla)
+                result["overall"][name] = carla_scores[name]
+                result["details"][name] = (dict(n_videos=carla_scores["n_videos"], frame=t - 1) if name == "wd" else
+                                           dict(po_final=carla_scores["po_final"],
+                                                threshold_m=carla_scores["threshold"]))
         except MetricUnavailable as e:
             result["skipped"][name] = str(e)
         except RuntimeError as e:  # LPIPS's network refusing frames (e.g. too small for its layers)
             if name != "lpips":
                 raise
             result["skipped"][name] = f"LPIPS skipped: its network failed on these frames ({str(e).splitlines()[0]})."
-        except ValueError as e:  # e.g. frames too small for SSIM's window
+        except ValueError as e:  # e.g. frames too small for SSIM's window, or not RGB for the CARLA networks
             result["skipped"][name] = f"{name} skipped: {e}"
     return result
 
 
-def _fvd(frames, truth, i3d_path, detector):
+def _fvd(frames, truth, i3d_path, detector, batch_size=8):
     if len(frames) < 2:
         raise EvalError(f"FVD needs at least 2 videos, but there is {len(frames)}; sample more videos.")
     if detector is None:
-        if not i3d_path:
-            raise EvalError("FVD needs the I3D network: pass --i3d_path i3d_torchscript.pt (from StyleGAN-V).")
-        try:
-            detector = load_i3d(i3d_path, device="cuda" if torch.cuda.is_available() else "cpu")
-        except ValueError as e:
-            raise EvalError(str(e)) from None
+        raise EvalError(FVD_NEEDS_I3D)
     try:
-        out = fvd(frames, truth, detector)
+        out = fvd(frames, truth, detector, batch_size=batch_size)
     except Exception as e:  # a detector that cannot take these videos: report it in one sentence
         raise EvalError(f"FVD could not be computed with {i3d_path or 'the given detector'} "
                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}).") from None
@@ -250,15 +231,34 @@ def _fvd(frames, truth, i3d_path, detector):
 # ---------------------------------------------------------------------------
 
 
-def evaluate(eval_dir, metrics=None, i3d_path=None, max_videos=None, data_root=None, lpips_model=None, detector=None):
-    """Everything metrics.json holds, for the samples in `eval_dir` (indices < max_videos if given)."""
+def evaluate(eval_dir, metrics=None, i3d_path=None, max_videos=None, data_root=None, lpips_model=None, detector=None,
+             *, carla_classifier=None, carla_regressor=None, sample_idx=None, fvd_batch_size=8):
+    """Everything metrics.json holds, for the samples in `eval_dir` (indices < max_videos if given).
+
+    Every flag and file (metric names, I3D and CARLA weights, the dataset) is checked before any
+    sample is read.
+    """
+    if max_videos is not None and max_videos < 1:
+        raise ConfigError(f"--max_videos must be at least 1, got {max_videos}.")
+    if fvd_batch_size < 1:
+        raise ConfigError(f"--batch_size must be at least 1, got {fvd_batch_size}.")
+    if (carla_classifier is None) != (carla_regressor is None):
+        raise ConfigError(CARLA_NEEDS_MODELS)
     config = read_sampling_config(eval_dir)
     dataset = config.get("dataset")
-    names_to_compute = parse_metrics(metrics, dataset, have_i3d=bool(i3d_path) or detector is not None)
-    names, samples, truth, notes = load_pairs(eval_dir, config, max_videos, data_root)
+    have_carla = carla_classifier is not None
+    names_to_compute = parse_metrics(metrics, dataset, have_i3d=bool(i3d_path) or detector is not None,
+                                     have_carla=have_carla)
+    if "fvd" in names_to_compute and detector is None:
+        detector = load_detector(i3d_path)
+    carla = None
+    if any(m in CARLA_METRICS for m in names_to_compute):
+        carla = load_carla(carla_classifier, carla_regressor, dataset, data_root)
+    names, samples, truth, notes = load_pairs(eval_dir, config, max_videos, data_root, sample_idx)
     n_obs = int(config.get("n_obs", 0))
     t = truth.shape[1]
-    scores = compute_metrics(samples, truth, n_obs, names_to_compute, dataset, i3d_path, lpips_model, detector)
+    scores = compute_metrics(samples, truth, n_obs, names_to_compute, dataset, i3d_path, lpips_model, detector,
+                             carla, fvd_batch_size)
     return {
         "eval_dir": os.path.abspath(eval_dir),
         "dataset": dataset,
@@ -288,20 +288,40 @@ def write_metrics(eval_dir, result):
         plots[name] = os.path.basename(path)
     result = {**result, "plots": plots}
     path = os.path.join(eval_dir, "metrics.json")
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(result, f, indent=2)
-    os.replace(tmp, path)
+    write_json_atomic(path, result)
     return path
 
 
-def evaluate_eval_dir(eval_dir, metrics=None, i3d_path=None, max_videos=None, data_root=None, log=sys.stderr):
-    """`evaluate` and `write_metrics`; notes and skipped metrics are printed to `log`."""
-    result = evaluate(eval_dir, metrics, i3d_path, max_videos, data_root)
-    for line in result["notes"] + list(result["skipped"].values()):
-        print(f"note: {line}", file=log)
+def evaluate_eval_dir(eval_dir, metrics=None, i3d_path=None, max_videos=None, data_root=None, log=sys.stderr,
+                      **options):
+    """`evaluate` (with its keyword `options`) and `write_metrics`; notes and skipped metrics go to `log`."""
+    result = evaluate(eval_dir, metrics, i3d_path, max_videos, data_root, **options)
+    _print_notes(result, log)
     write_metrics(eval_dir, result)
     return result
+
+
+def _print_notes(result, log):
+    for line in result["notes"] + list(result["skipped"].values()):
+        print(f"note: {line}", file=log)
+
+
+def fvd_of_eval_dir(eval_dir, i3d_path, num_videos=None, sample_idx=0, batch_size=8, data_root=None,
+                    log=sys.stderr):
+    """FVD of one sample per test video (`sample_idx`) against the test videos; FDM's video_fvd.py.
+
+    Like FDM, the value is also saved as `<eval_dir>/fvd-<videos>-<sample_idx>.txt`. Returns
+    (fvd, that path).
+    """
+    if not i3d_path:
+        raise EvalError(FVD_NEEDS_I3D)
+    result = evaluate(eval_dir, "fvd", i3d_path, num_videos, data_root, sample_idx=sample_idx,
+                      fvd_batch_size=batch_size)
+    _print_notes(result, log)
+    value = result["overall"]["fvd"]
+    path = os.path.join(eval_dir, f"fvd-{result['n_videos']}-{sample_idx}.txt")
+    np.savetxt(path, np.array([value]))
+    return value, path
 
 
 def format_value(value):

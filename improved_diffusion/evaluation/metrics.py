@@ -18,6 +18,8 @@ Sources for the formulas:
 import numpy as np
 import torch
 
+from ..data.pixels import to_uint8
+
 SSIM_WINDOW = 11
 SSIM_SIGMA = 1.5
 SSIM_K1 = 0.01
@@ -56,13 +58,17 @@ def to_pixel_scale(x):
     x = _to_numpy(x)
     if _is_uint8(x):
         return x.astype(np.float64)
+    _check_float_frames(x)
+    return (x.astype(np.float64) + 1.0) * (DATA_RANGE / 2.0)
+
+
+def _check_float_frames(x):
     if not np.issubdtype(x.dtype, np.floating):
         raise ValueError(f"Frames must be uint8 in [0, 255] or float in [-1, 1], got dtype {x.dtype}.")
     if x.size and (x.min() < -1 - _FLOAT_RANGE_TOLERANCE or x.max() > 1 + _FLOAT_RANGE_TOLERANCE):
         raise ValueError(
             f"Float frames must lie in [-1, 1] (got [{x.min():.3g}, {x.max():.3g}]); clip them or pass uint8."
         )
-    return (x.astype(np.float64) + 1.0) * (DATA_RANGE / 2.0)
 
 
 def _pair_to_pixel_scale(a, b):
@@ -230,16 +236,13 @@ def load_i3d(path, device="cpu"):
 
 
 def _videos_to_uint8(videos):
-    """Videos [B x T x C x H x W] as a uint8 tensor in [0, 255] (rounded)."""
-    if isinstance(videos, torch.Tensor):
-        videos = videos.detach().cpu()
-        x = videos.numpy()
-    else:
-        x = np.asarray(videos)
+    """Videos [B x T x C x H x W] as a uint8 tensor in [0, 255], float ones rounded as samples are saved."""
+    x = _to_numpy(videos)
     if x.ndim != 5:
         raise ValueError(f"Videos must have shape [B x T x C x H x W], got {x.shape}.")
     if not _is_uint8(x):
-        x = np.clip(np.round(to_pixel_scale(x)), 0, 255).astype(np.uint8)
+        _check_float_frames(x)
+        x = to_uint8(x)
     return torch.from_numpy(np.ascontiguousarray(x))
 
 

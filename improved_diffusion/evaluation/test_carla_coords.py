@@ -1,15 +1,18 @@
 import importlib.util
 import itertools
+import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from improved_diffusion.errors import CheckpointError, ConfigError, DatasetError
 from improved_diffusion.evaluation import carla_coords as cc
+from improved_diffusion.evaluation import evaluate
 
 TINY = cc.CoordinateModelConfig(layers=(1, 1, 1, 1), width=4)
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "train_carla_regressor.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "carla_regressor_train.py"
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -90,13 +93,18 @@ def test_checkpoints_round_trip_and_errors(tmp_path):
     bare = cc.load_model(tmp_path / "bare.pth", "regressor", config=TINY)
     np.testing.assert_array_equal(cc.predict_coords(frames, loaded[0], bare), expected)
 
-    with pytest.raises(ValueError, match="holds a classifier, not a regressor"):
+    with pytest.raises(CheckpointError, match="holds a classifier, not a regressor"):
         cc.load_model(tmp_path / "c.pt", "regressor")
-    with pytest.raises(ValueError, match="does not hold weights for a regressor"):
+    with pytest.raises(CheckpointError, match="does not hold weights for a regressor"):
         cc.load_model(tmp_path / "bare.pth", "regressor", config=cc.CoordinateModelConfig(layers=(1, 1, 1, 1)))
     (tmp_path / "corrupt.pt").write_bytes(b"garbage")
-    with pytest.raises(ValueError, match="Could not read a classifier checkpoint"):
+    with pytest.raises(CheckpointError, match="could not be read"):
         cc.load_model(tmp_path / "corrupt.pt", "classifier")
+    with pytest.raises(CheckpointError, match="does not exist"):
+        cc.load_model(tmp_path / "missing.pt", "classifier")
+    torch.save([1, 2], tmp_path / "list.pt")
+    with pytest.raises(CheckpointError, match="holds a list"):
+        cc.load_model(tmp_path / "list.pt", "classifier")
 
 
 # ---------------------------------------------------------------------------
@@ -104,8 +112,9 @@ def test_checkpoints_round_trip_and_errors(tmp_path):
 # ---------------------------------------------------------------------------
 
 
-def make_carla_dir(root, n_videos=5, T=6, size=32):
+def make_carla_dir(root, n_videos=5, T=6, size=32, n_test=1):
     """A tiny directory in FDM's CARLA layout: video_<i>.pt, coords_<i>.npy, split csvs."""
+    root.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
     for i in range(n_videos):
         video = torch.from_numpy(rng.integers(0, 256, size=(T, size, size, 3), dtype=np.uint8))
@@ -113,9 +122,9 @@ def make_carla_dir(root, n_videos=5, T=6, size=32):
         coords = np.cumsum(rng.normal(0, 2, size=(T, 3)), axis=0) + rng.uniform(0, 390, size=3)
         np.save(root / f"coords_{i}.npy", coords)
     # As FDM's make_train_test_split.py writes them: a header, then "<row>,<path>".
-    train = ",path\n" + "".join(f"{i},{root / f'video_{i}.pt'}\n" for i in range(n_videos - 1))
-    (root / "video_train.csv").write_text(train)
-    (root / "video_test.csv").write_text(f",path\n{n_videos - 1},{root / f'video_{n_videos - 1}.pt'}\n")
+    for split, ids in (("train", range(n_videos - n_test)), ("test", range(n_videos - n_test, n_videos))):
+        rows = "".join(f"{i},{root / f'video_{i}.pt'}\n" for i in ids)
+        (root / f"video_{split}.csv").write_text(",path\n" + rows)
     return root
 
 
@@ -134,10 +143,12 @@ def test_read_split_and_batches(tmp_path):
     few = list(cc.frame_batches(pairs, 4, np.random.default_rng(0), frames_per_video=2))
     assert sum(len(f) for f, _ in few) == 8
 
-    with pytest.raises(ValueError, match="No split file"):
+    with pytest.raises(DatasetError, match="No split file"):
         cc.read_split(tmp_path, "valid")
+    with pytest.raises(DatasetError, match="does not exist"):
+        cc.read_split(tmp_path / "missing", "train")
     (tmp_path / "coords_1.npy").unlink()
-    with pytest.raises(ValueError, match="coords_1.npy does not exist"):
+    with pytest.raises(DatasetError, match="coords_1.npy does not exist"):
         cc.read_split(tmp_path, "train")
 
 
@@ -151,17 +162,17 @@ def test_training_is_reproducible_and_saves(tmp_path):
     assert again == history
     classifier, c_history = cc.train_coordinate_model(tmp_path, "classifier", **{**kwargs, "epochs": 1})
     assert len(c_history) == 1 and not model.training
-    with pytest.raises(ValueError, match="Unknown model kind"):
+    with pytest.raises(ConfigError, match="Unknown model kind"):
         cc.train_coordinate_model(tmp_path, "detector", **kwargs)
 
 
 def test_script_trains_and_writes_checkpoint(tmp_path):
     make_carla_dir(tmp_path)
-    spec = importlib.util.spec_from_file_location("train_carla_regressor", SCRIPT)
+    spec = importlib.util.spec_from_file_location("carla_regressor_train", SCRIPT)
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
     out = tmp_path / "ckpt" / "regressor.pt"
-    args = script.parse_args(["--data_dir", str(tmp_path), "--kind", "regressor", "--out", str(out),
+    args = script.create_argparser().parse_args(["--data_dir", str(tmp_path), "--kind", "regressor", "--out", str(out),
                               "--epochs", "1", "--layers", "1", "1", "1", "1", "--width", "4", "--device", "cpu"])
     script.main(args)
     model = cc.load_model(out, "regressor")
@@ -174,23 +185,21 @@ def test_script_trains_and_writes_checkpoint(tmp_path):
 # ---------------------------------------------------------------------------
 
 
-def brute_force_assignment_cost(cost):
-    n, m = cost.shape
-    if n <= m:
-        return min(sum(cost[i, cols[i]] for i in range(n)) for cols in itertools.permutations(range(m), n))
-    return brute_force_assignment_cost(cost.T)
+def brute_force_wasserstein(a, b, p=1):
+    """W_p of two equal-size point sets, by trying every matching (Birkhoff: one of them is optimal)."""
+    return min(np.mean([np.linalg.norm(a[i] - b[j]) ** p for i, j in enumerate(perm)])
+               for perm in itertools.permutations(range(len(a)))) ** (1.0 / p)
 
 
-@pytest.mark.parametrize("shape", [(1, 1), (4, 4), (6, 6), (3, 5), (5, 3)])
-def test_linear_sum_assignment_vs_brute_force(shape):
-    rng = np.random.default_rng(sum(shape))
-    for trial in range(5):
-        cost = rng.uniform(0, 10, size=shape)
+@pytest.mark.parametrize("n", [1, 2, 5, 7])
+def test_wasserstein_distance_vs_brute_force(n):
+    rng = np.random.default_rng(n)
+    for trial in range(4):
+        a, b = rng.uniform(0, 50, size=(2, n, 2))
         if trial == 0:
-            cost = np.round(cost)  # ties
-        rows, cols = cc.linear_sum_assignment(cost)
-        assert len(rows) == min(shape) and len(set(cols)) == len(cols) and len(set(rows)) == len(rows)
-        assert cost[rows, cols].sum() == pytest.approx(brute_force_assignment_cost(cost))
+            a, b = np.round(a / 10), np.round(b / 10)  # ties between matchings
+        for p in (1, 2):
+            assert cc.wasserstein_distance(a, b, p=p) == pytest.approx(brute_force_wasserstein(a, b, p))
 
 
 def test_wasserstein_distance_hand_examples():
@@ -268,3 +277,73 @@ def test_carla_metrics_from_tiny_regressor():
     nearest = np.array([min(np.linalg.norm(q - r) for r in train_coords) for q in flat])
     assert m["po"] == pytest.approx(100 * np.mean(nearest > threshold))
     assert m["po_final"] == pytest.approx(100 * np.mean(nearest.reshape(4, 3)[:, -1] > threshold))
+
+
+# ---------------------------------------------------------------------------
+# Results folders: world coordinates and WD/PO in video_eval
+# ---------------------------------------------------------------------------
+
+
+def save_tiny_models(folder, seed=1, metres=1.0):
+    """Tiny networks on disk; `metres` scales the regressor's heads (random ones spread positions over ~1 m)."""
+    classifier, regressor = tiny_models(seed)
+    with torch.no_grad():
+        for head in regressor.regressors:
+            head.weight.mul_(metres)
+            head.bias.mul_(metres)
+    cc.save_model(folder / "classifier.pt", classifier, "classifier", TINY)
+    cc.save_model(folder / "regressor.pt", regressor, "regressor", TINY)
+    return folder / "classifier.pt", folder / "regressor.pt", classifier, regressor
+
+
+def make_eval_dir(path, samples, dataset="carla_no_traffic", n_obs=1):
+    (path / "samples").mkdir(parents=True)
+    config = dict(dataset=dataset, n_obs=n_obs, T=len(samples[0]), image_size=samples[0].shape[-1], data_seed=0)
+    (path / "sampling_config.json").write_text(json.dumps(config))
+    for i, sample in enumerate(samples):
+        np.save(path / "samples" / f"sample_{i:04d}-0.npy", sample)
+    return path
+
+
+def test_write_world_coords_saves_beside_samples_and_resumes(tmp_path):
+    c_path, r_path, classifier, regressor = save_tiny_models(tmp_path)
+    rng = np.random.default_rng(5)
+    samples = [rng.integers(0, 256, size=(4, 3, 32, 32), dtype=np.uint8) for _ in range(2)]
+    eval_dir = make_eval_dir(tmp_path / "e", samples)
+    written = cc.write_world_coords(eval_dir, c_path, r_path, batch_size=3, log=lambda msg: None)
+    assert [p.relative_to(eval_dir).as_posix() for p in written] == ["coords/sample_0000-0.npy",
+                                                                     "coords/sample_0001-0.npy"]
+    for sample, path in zip(samples, written):
+        np.testing.assert_allclose(np.load(path), cc.predict_coords(sample, classifier, regressor), atol=1e-5)
+    np.save(written[0], np.zeros((4, 2)))  # an existing file is kept: a stopped run resumes
+    cc.write_world_coords(eval_dir, c_path, r_path, log=lambda msg: None)
+    assert not np.load(written[0]).any()
+
+
+def test_video_eval_wd_and_po_match_a_brute_force_computation(tmp_path):
+    """WD and PO of a results folder, against positions regressed from the dataset's own files."""
+    data_root = tmp_path / "data"
+    carla = make_carla_dir(data_root / "carla" / "no-traffic", n_videos=7, T=4, n_test=4)
+    c_path, r_path, classifier, regressor = save_tiny_models(tmp_path, metres=100.0)
+    rng = np.random.default_rng(6)
+    samples = [rng.integers(0, 256, size=(4, 3, 32, 32), dtype=np.uint8) for _ in range(4)]
+    sample_xy = cc.video_coords(np.stack(samples), classifier, regressor)
+    # A road through half of the sampled positions, so that PO is neither 0 nor 100.
+    road = sample_xy[:2].reshape(-1, 2) + 1.0
+    for i in range(3):
+        np.save(carla / f"coords_{i}.npy", road if i == 0 else road[:1])
+    eval_dir = make_eval_dir(tmp_path / "e", samples)
+    result = evaluate.evaluate(eval_dir, "wd,po", data_root=data_root, carla_classifier=c_path,
+                               carla_regressor=r_path)
+
+    truth = np.stack([cc.load_video(carla / f"video_{i}.pt") for i in range(3, 7)])
+    truth_final = cc.video_coords(truth, classifier, regressor)[:, -1]
+    assert result["overall"]["wd"] == pytest.approx(brute_force_wasserstein(sample_xy[:, -1], truth_final), rel=1e-4)
+    flat = sample_xy.reshape(-1, 2)
+    nearest = np.sqrt(((flat[:, None] - road[None]) ** 2).sum(-1)).min(axis=1)
+    assert 0 < result["overall"]["po"] < 100
+    assert result["overall"]["po"] == pytest.approx(100 * np.mean(nearest > cc.OUTLIER_THRESHOLD))
+
+    other = make_eval_dir(tmp_path / "bb", samples, dataset="bouncing_balls")
+    skipped = evaluate.evaluate(other, "wd", carla_classifier=c_path, carla_regressor=r_path)["skipped"]
+    assert "carla_no_traffic" in skipped["wd"]

@@ -17,6 +17,8 @@ from improved_diffusion.evaluation import evaluate as evaluation
 from improved_diffusion.data.cue_recall import CUE_RETURN
 from improved_diffusion.evaluation.metrics import MetricUnavailable
 from improved_diffusion.data.datasets import get_dataset
+from improved_diffusion.data.pixels import to_uint8
+from improved_diffusion import cli
 
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "video_eval.py"
 T, N_OBS, SIZE, SEED = 6, 2, 16, 3
@@ -47,7 +49,7 @@ def no_lpips(monkeypatch):
 
 def ground_truth(index, dataset="bouncing_balls", length=T, seed=SEED):
     video = get_dataset(dataset, split="test", T=length, image_size=SIZE, seed=seed).video(index)
-    return evaluation.to_uint8(video)
+    return to_uint8(video).numpy()
 
 
 def make_eval_dir(path, samples, dataset="bouncing_balls", n_obs=N_OBS, data_seed=SEED, **config):
@@ -66,7 +68,7 @@ def make_eval_dir(path, samples, dataset="bouncing_balls", n_obs=N_OBS, data_see
 
 
 def run_cli(capsys, *argv):
-    code = video_eval.cli([str(a) for a in argv])
+    code = cli.run(video_eval.main, video_eval.create_argparser(), [str(a) for a in argv])
     out, err = capsys.readouterr()
     return code, out, err
 

@@ -1,7 +1,18 @@
 """Writing sampled videos to look at: mp4 (imageio-ffmpeg) and gif, side by side with
-ground truth, observed frames framed in one colour and generated frames in another."""
+ground truth, observed frames framed in one colour and generated frames in another.
+
+`write_videos` does it for a whole results folder (scripts/video_make_mp4.py); its ground truth
+comes from `GroundTruth`, the same videos evaluation compares with.
+"""
+
+import os
 
 import numpy as np
+
+from ..errors import ConfigError, EvalError
+from ..results import read_sampling_config
+from .ground_truth import GroundTruth
+from .samples import find_samples, read_sample
 
 OBSERVED_COLOUR = (40, 110, 255)  # blue border: a frame the model was given
 GENERATED_COLOUR = (230, 40, 40)  # red border: a frame the model generated
@@ -73,3 +84,48 @@ def write_gif(frames, path, fps=8):
     import imageio.v2 as imageio
 
     imageio.mimsave(path, list(frames), duration=1.0 / fps, loop=0)
+
+
+def video_frames(eval_dir, scale=4, max_videos=None, ground_truth=True, data_root=None):
+    """Yield (sample path, frames [T x H' x W' x 3]) for the first `max_videos` samples of a results folder.
+
+    Every flag is checked, and the ground truth found, before the first video is made.
+    """
+    if not scale >= 1:
+        raise ConfigError(f"--scale must be a whole number of at least 1, got {scale}.")
+    if max_videos is not None and max_videos < 1:
+        raise ConfigError(f"--max_videos must be at least 1, got {max_videos}.")
+    config = read_sampling_config(eval_dir)
+    found = find_samples(eval_dir)[:max_videos]
+    try:
+        n_obs = int(config["n_obs"])
+    except (KeyError, TypeError, ValueError):
+        raise EvalError(f"{eval_dir}'s sampling_config.json has no whole-number 'n_obs' entry.") from None
+    truth = GroundTruth(config, data_root) if ground_truth else None
+    for path, index, _ in found:
+        sample = read_sample(path)
+        gt = truth.video(index, len(sample)) if truth is not None else None
+        yield path, side_by_side(sample, np.arange(len(sample)) < n_obs, gt, scale=scale)
+
+
+def write_videos(eval_dir, out_dir=None, fps=8, scale=4, max_videos=None, ground_truth=True, data_root=None,
+                 log=print):
+    """An mp4 and a gif per sample of a results folder, in `out_dir` (default `<eval_dir>/videos`).
+
+    Returns the mp4 paths. A missing ground-truth dataset is an EvalError naming it; pass
+    ground_truth=False (--no_ground_truth) to show the samples alone.
+    """
+    if not fps > 0:
+        raise ConfigError(f"--fps must be positive, got {fps}.")
+    out_dir = out_dir or os.path.join(eval_dir, "videos")
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ConfigError(f"--out_dir {out_dir} is a file, not a folder.")
+    written = []
+    for path, frames in video_frames(eval_dir, scale, max_videos, ground_truth, data_root):
+        os.makedirs(out_dir, exist_ok=True)
+        stem = os.path.join(out_dir, os.path.basename(path)[: -len(".npy")])
+        write_mp4(frames, stem + ".mp4", fps=fps)
+        write_gif(frames, stem + ".gif", fps=fps)
+        log(stem + ".mp4")
+        written.append(stem + ".mp4")
+    return written
