@@ -4,7 +4,6 @@ Files load with `torch.load(weights_only=True)` through blobfile (local paths, g
 loading never runs code. Writing checkpoints during training is `training/checkpoint_io.py`.
 """
 
-import dataclasses
 import io
 import os
 
@@ -56,8 +55,7 @@ def load_checkpoint(path, timestep_respacing="", device="cpu", data=None):
     state_dict = data["state_dict"]
     if not config.get("channel_mult"):
         config["channel_mult"] = infer_channel_mult(state_dict, config.get("num_channels", 128))
-    fdm_defaults = dataclasses.asdict(ModelConfig(num_channels=128, image_size=64, num_res_blocks=2))
-    model_cfg = dataclass_from_dict(ModelConfig, {**fdm_defaults, **config})
+    model_cfg = dataclass_from_dict(ModelConfig, config)  # flags FDM's config lacks take FDM's defaults
     diffusion_cfg = dataclass_from_dict(DiffusionConfig, config)
     model = create_model(model_cfg, diffusion_cfg.learn_sigma)
     try:

@@ -135,6 +135,15 @@ def broadcast_object(obj, src=0):
     return box[0]
 
 
+def all_gather_object(obj):
+    """[rank 0's obj, rank 1's obj, ...] on every rank (picklable objects)."""
+    if get_world_size() == 1:
+        return [obj]
+    gathered = [None] * get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
 def all_ranks_agree(flag):
     """True on every rank when `flag` is true on every rank (so all ranks take the same branch)."""
     if get_world_size() == 1:

@@ -3,7 +3,8 @@
 wandb never blocks: without a login (no WANDB_API_KEY and no ~/.netrc entry) it runs
 offline, and WANDB_MODE (online / offline / disabled) is honoured when set. A resumed
 offline run writes a new `offline-run-*-<id>` folder with the same id; `wandb sync` them
-in order to get one run.
+in order to get one run. FDM's `--unobserve` (`offline=True`) keeps wandb offline even with
+a login, writing under $WANDB_DIR_DRYRUN when that is set (FDM's variable).
 """
 
 import csv
@@ -13,8 +14,10 @@ import uuid
 from collections import defaultdict
 
 
-def wandb_mode():
-    """'online', 'offline' or 'disabled', never waiting for a login prompt."""
+def wandb_mode(offline=False):
+    """'online', 'offline' or 'disabled', never waiting for a login prompt; never 'online' when `offline`."""
+    if offline and os.environ.get("WANDB_MODE") != "disabled":
+        return "offline"
     mode = os.environ.get("WANDB_MODE")
     if mode:
         return mode
@@ -34,7 +37,8 @@ def new_run_id():
 class Logger:
     """Accumulates key/values and writes one row per `dump`; a no-op away from rank 0."""
 
-    def __init__(self, log_dir=None, rank=0, run_id=None, config=None, project="video-diffusion", resume=False):
+    def __init__(self, log_dir=None, rank=0, run_id=None, config=None, project="video-diffusion", resume=False,
+                 offline=False):
         self.enabled = rank == 0
         self.means = defaultdict(list)
         self.values = {}
@@ -42,7 +46,8 @@ class Logger:
         self.csv_fields = None
         self.run = None
         self.run_id = run_id
-        if self.enabled and wandb_mode() != "disabled":
+        mode = wandb_mode(offline)
+        if self.enabled and mode != "disabled":
             import wandb
 
             # resume="allow" continues run `run_id` (online, or as a new offline segment with
@@ -51,8 +56,8 @@ class Logger:
                 project=os.environ.get("WANDB_PROJECT", project),
                 id=run_id,
                 resume="allow" if resume else None,
-                mode=wandb_mode(),
-                dir=log_dir or None,
+                mode=mode,
+                dir=(os.environ.get("WANDB_DIR_DRYRUN") if offline else None) or log_dir or None,
                 settings=wandb.Settings(silent=True, console="off"),
             )
             if config:  # a resumed run may change housekeeping values such as max_steps

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-MODEL_ARGS = dict(image_size=32, num_channels=32, channel_mult="1,2,2", attention_resolutions="16,8", num_heads=2)
+MODEL_ARGS = dict(image_size=32, num_channels=32, num_res_blocks=1, channel_mult="1,2,2", attention_resolutions="16,8", num_heads=2)
 
 
 def create_argparser():

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY_MODEL = ["--image_size", "16", "--num_channels", "32", "--channel_mult", "1,2", "--attention_resolutions", "8",
+TINY_MODEL = ["--dataset", "bouncing_balls", "--image_size", "16", "--num_channels", "32", "--num_res_blocks", "1", "--channel_mult", "1,2", "--attention_resolutions", "8",
               "--num_heads", "2", "--max_frames", "4", "--batch_size", "2", "--diffusion_steps", "100"]
 
 

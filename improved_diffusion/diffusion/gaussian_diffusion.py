@@ -98,6 +98,15 @@ def mean_over_latent(x, latent_mask):
     return (x * mask).sum(dim=dims) / mask.sum(dim=dims).clamp(min=1)
 
 
+def frame_means_over_latent(x, latent_mask):
+    """Each frame's mean over its pixels, 0 outside latent_mask: [B x T x ...] -> [B x T].
+
+    For losses that are weighted frame by frame (per-frame importance weights in training).
+    """
+    means = x.mean(dim=list(range(2, x.dim())))
+    return means if latent_mask is None else means * latent_mask.reshape(means.shape)
+
+
 def latent_mask_from(model_kwargs, latent_mask, x):
     """The mask of frames a sampler may change: explicit argument, else model_kwargs, else all."""
     if latent_mask is None and model_kwargs:
@@ -131,7 +140,6 @@ class GaussianDiffusion:
         self.alphas_cumprod_next = np.append(self.alphas_cumprod[1:], 0.0)
         self.sqrt_alphas_cumprod = np.sqrt(self.alphas_cumprod)
         self.sqrt_one_minus_alphas_cumprod = np.sqrt(1.0 - self.alphas_cumprod)
-        self.log_one_minus_alphas_cumprod = np.log(1.0 - self.alphas_cumprod)
         self.sqrt_recip_alphas_cumprod = np.sqrt(1.0 / self.alphas_cumprod)
         self.sqrt_recipm1_alphas_cumprod = np.sqrt(1.0 / self.alphas_cumprod - 1)
         # q(x_{t-1} | x_t, x_0)
@@ -142,12 +150,6 @@ class GaussianDiffusion:
         self.posterior_mean_coef2 = (1.0 - self.alphas_cumprod_prev) * np.sqrt(alphas) / (1.0 - self.alphas_cumprod)
 
     # --- forward process
-
-    def q_mean_variance(self, x_start, t):
-        mean = extract(self.sqrt_alphas_cumprod, t, x_start.shape) * x_start
-        variance = extract(1.0 - self.alphas_cumprod, t, x_start.shape)
-        log_variance = extract(self.log_one_minus_alphas_cumprod, t, x_start.shape)
-        return mean, variance, log_variance
 
     def q_sample(self, x_start, t, noise=None, latent_mask=None):
         """Draw x_t ~ q(x_t | x_0) for the frames in `latent_mask` (all when None); other frames stay x_start."""
@@ -348,8 +350,9 @@ class GaussianDiffusion:
     # --- training
 
     def vb_terms_bpd(self, model, x_start, x_t, t, clip_denoised=True, model_kwargs=None, latent_mask=None,
-                     model_output=None):
-        """One term of the variational bound, in bits per dim, averaged over latent frames: [B]."""
+                     model_output=None, per_frame_terms=False):
+        """One term of the variational bound, in bits per dim, averaged over latent frames: [B]
+        ([B x T] per frame with `per_frame_terms`, see frame_means_over_latent)."""
         true_mean, _, true_log_variance = self.q_posterior_mean_variance(x_start, x_t, t)
         out = self.p_mean_variance(model, x_t, t, clip_denoised, model_kwargs=model_kwargs, model_output=model_output)
         kl = normal_kl(true_mean, true_log_variance, out["mean"], out["log_variance"]) / LOG2
@@ -357,10 +360,15 @@ class GaussianDiffusion:
         # t = 0 contributes the decoder NLL; other steps the KL to the true posterior.
         at_zero = (per_frame(t, x_t) == 0).expand(x_t.shape)
         per_elem = torch.where(at_zero, nll, kl)
-        return {"output": mean_over_latent(per_elem, latent_mask), "pred_xstart": out["pred_xstart"]}
+        reduce = frame_means_over_latent if per_frame_terms else mean_over_latent
+        return {"output": reduce(per_elem, latent_mask), "pred_xstart": out["pred_xstart"]}
 
-    def training_losses(self, model, x_start, t, model_kwargs=None, noise=None, latent_mask=None):
+    def training_losses(self, model, x_start, t, model_kwargs=None, noise=None, latent_mask=None,
+                        per_frame_terms=False):
         """Loss terms per batch element ([B]) for timesteps t ([B] or [B x T]).
+
+        per_frame_terms: terms per frame instead ([B x T], 0 outside latent_mask), for a
+        caller that weights frames separately (per-frame importance sampling of t).
 
         Only latent frames are noised and counted. With a learned variance, the hybrid loss
         MSE + VLB * N / 1000 (improved DDPM's lambda = 0.001 for N = 1000), the VLB seeing the
@@ -373,7 +381,8 @@ class GaussianDiffusion:
         x_t = self.q_sample(x_start, t, noise, latent_mask)
         terms = {}
         if self.loss_type in (LossType.KL, LossType.RESCALED_KL):
-            terms["loss"] = self.vb_terms_bpd(model, x_start, x_t, t, False, model_kwargs, latent_mask)["output"]
+            terms["loss"] = self.vb_terms_bpd(model, x_start, x_t, t, False, model_kwargs, latent_mask,
+                                              per_frame_terms=per_frame_terms)["output"]
             if self.loss_type == LossType.RESCALED_KL:
                 terms["loss"] = terms["loss"] * self.num_timesteps
             return terms
@@ -384,7 +393,7 @@ class GaussianDiffusion:
             mean_part, var_part = model_output.split(C, dim=2)
             frozen = torch.cat([mean_part.detach(), var_part], dim=2)
             terms["vb"] = self.vb_terms_bpd(None, x_start, x_t, t, False, latent_mask=latent_mask,
-                                            model_output=frozen)["output"]
+                                            model_output=frozen, per_frame_terms=per_frame_terms)["output"]
             if self.loss_type == LossType.RESCALED_MSE:
                 terms["vb"] = terms["vb"] * (self.num_timesteps / 1000.0)
             model_output = mean_part
@@ -393,6 +402,7 @@ class GaussianDiffusion:
             ModelMeanType.START_X: x_start,
             ModelMeanType.VELOCITY: self.velocity(x_start, t, noise),
         }[self.model_mean_type]
-        terms["mse"] = mean_over_latent((target - model_output) ** 2, latent_mask)
+        reduce = frame_means_over_latent if per_frame_terms else mean_over_latent
+        terms["mse"] = reduce((target - model_output) ** 2, latent_mask)
         terms["loss"] = terms["mse"] + terms.get("vb", 0.0)
         return terms

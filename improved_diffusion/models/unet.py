@@ -7,7 +7,7 @@ attention. Residual blocks and spatial attention act per frame. Module and param
 match FDM's UNetVideoModel, so FDM checkpoints load with `load_state_dict` unchanged.
 """
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -45,12 +45,6 @@ class UNetConfig:
     use_scale_shift_norm: bool = True
     use_checkpoint: bool = False
     causal: bool = False
-
-    def to_dict(self):
-        d = asdict(self)
-        d["attention_resolutions"] = list(self.attention_resolutions)
-        d["channel_mult"] = list(self.channel_mult)
-        return d
 
 
 class ResBlock(nn.Module):
@@ -132,7 +126,6 @@ class UNetVideoModel(nn.Module):
     def __init__(self, config: UNetConfig):
         super().__init__()
         self.config = config
-        self.channels_last = False  # see use_channels_last()
         c = config
         mc = c.model_channels
         emb_dim = 4 * mc
@@ -178,11 +171,6 @@ class UNetVideoModel(nn.Module):
 
         self.out = nn.Sequential(normalization(ch), nn.SiLU(), zero_module(nn.Conv2d(mc, c.out_channels, 3, padding=1)))
 
-    def use_channels_last(self, enabled=True):
-        """Run convolutions in channels-last layout: several times faster on CPU (oneDNN)."""
-        self.channels_last = enabled
-        return self.to(memory_format=torch.channels_last if enabled else torch.contiguous_format)
-
     def forward(self, x, timesteps, x0=None, frame_indices=None, obs_mask=None, latent_mask=None, **unused):
         """Denoise the frames of a batch of videos.
 
@@ -209,8 +197,6 @@ class UNetVideoModel(nn.Module):
 
         indicator = torch.ones_like(x[:, :, :1]) * obs_mask
         h = torch.cat([x * (1 - obs_mask) + x0 * obs_mask, indicator], dim=2).reshape(B * T, C + 1, H, W)
-        if self.channels_last:
-            h = h.contiguous(memory_format=torch.channels_last)
         emb = self.time_embed(timestep_embedding(timesteps, self.config.model_channels))
 
         skips = []

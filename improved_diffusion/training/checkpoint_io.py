@@ -67,12 +67,6 @@ def atomic_save(obj, path):
     atomic_write_bytes(buffer.getvalue(), path)
 
 
-def load(path):
-    """torch.load through blobfile, weights only: a checkpoint never executes code."""
-    with bf.BlobFile(path, "rb") as f:
-        return torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=True)
-
-
 def step_files(run_dir, step, ema_rates):
     """Every file of one checkpoint step, in the order they are written."""
     names = [f"ema_{rate}_{step:06d}.pt" for rate in ema_rates] + [f"model{step:06d}.pt", f"opt{step:06d}.pt"]
@@ -88,12 +82,12 @@ def complete_steps(run_dir, ema_rates):
     return [s for s in steps if all(bf.basename(p) in names for p in step_files(run_dir, s, ema_rates))]
 
 
-def newest_model_file(run_dir):
-    """Path of the model file with the largest step, or None (for runs without config.json)."""
+def model_files_newest_first(run_dir):
+    """Paths of the run's model files, largest step first (FDM's runs keep their config only there)."""
     if not bf.exists(run_dir):
-        return None
-    steps = [int(m.group(1)) for m in map(MODEL_RE.match, bf.listdir(run_dir)) if m]
-    return bf.join(run_dir, f"model{max(steps):06d}.pt") if steps else None
+        return []
+    steps = sorted((int(m.group(1)) for m in map(MODEL_RE.match, bf.listdir(run_dir)) if m), reverse=True)
+    return [bf.join(run_dir, f"model{step:06d}.pt") for step in steps]
 
 
 def remove_old_steps(run_dir, ema_rates, keep_last):

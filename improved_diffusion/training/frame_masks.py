@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from ..frame_batch import gather_frames
+from .timestep_sampler import draw_timesteps
 
 NOISE_MODES = ("fdm", "diffusion_forcing", "mixed")
 MIXED_PER_FRAME_PROB = 0.5
@@ -83,21 +84,13 @@ def gather_training_batch(videos, pad_videos, obs, latent, max_frames, rng):
                          pad=None if pad_videos is None else pad)
 
 
-def sample_timesteps(noise_mode, batch_size, num_frames, num_timesteps, rng):
-    """Training timesteps: [B] (one per video) or [B x K] (one per frame), long."""
-    if noise_mode == "fdm":
-        return torch.from_numpy(rng.integers(0, num_timesteps, size=batch_size))
-    if noise_mode in ("diffusion_forcing", "mixed"):
-        return torch.from_numpy(rng.integers(0, num_timesteps, size=(batch_size, num_frames)))
-    raise ValueError(f"Unknown noise_mode '{noise_mode}'; choose one of {', '.join(NOISE_MODES)}.")
-
-
-def training_example(videos, pad_videos, max_frames, noise_mode, num_timesteps, rng):
+def training_example(videos, pad_videos, max_frames, noise_mode, num_timesteps, rng, p=None):
     """Everything one training step needs, for any noise mode.
 
     Returns dict(x, frame_indices, obs_mask, latent_mask, t, noisy_obs): `t` is [B] or
-    [B x K]; `noisy_obs` [B x K x 1 x 1 x 1] marks observed frames that must be shown
-    noised to their own t (mixed mode only).
+    [B x K], drawn from the timestep distribution `p` (None: uniform; see timestep_sampler);
+    `noisy_obs` [B x K x 1 x 1 x 1] marks observed frames that must be shown noised to their
+    own t (mixed mode only). `noise_mode` is one of NOISE_MODES (TrainConfig.validate checks).
     """
     B, T = videos.shape[:2]
     if noise_mode == "diffusion_forcing":
@@ -108,7 +101,7 @@ def training_example(videos, pad_videos, max_frames, noise_mode, num_timesteps, 
         for b, s in enumerate(starts):
             latent[b, s:s + K] = True
         batch = gather_training_batch(videos, None, obs, latent, K, rng)
-        batch["t"] = sample_timesteps(noise_mode, B, K, num_timesteps, rng)
+        batch["t"] = draw_timesteps((B, K), num_timesteps, p, rng)
         batch["noisy_obs"] = torch.zeros_like(batch["obs_mask"])
         return batch
 
@@ -116,16 +109,16 @@ def training_example(videos, pad_videos, max_frames, noise_mode, num_timesteps, 
     batch = gather_training_batch(videos, pad_videos, obs, latent, max_frames, rng)
     K = batch["x"].shape[1]
     if noise_mode == "fdm":
-        batch["t"] = sample_timesteps("fdm", B, K, num_timesteps, rng)
+        batch["t"] = draw_timesteps(B, num_timesteps, p, rng)
         batch["noisy_obs"] = torch.zeros_like(batch["obs_mask"])
         return batch
-    if noise_mode != "mixed":
-        raise ValueError(f"Unknown noise_mode '{noise_mode}'; choose one of {', '.join(NOISE_MODES)}.")
-    per_video = rng.integers(0, num_timesteps, size=(B, 1)).repeat(K, axis=1)
-    per_frame = rng.integers(0, num_timesteps, size=(B, K))
+    # mixed
+    per_video = draw_timesteps((B, 1), num_timesteps, p, rng).numpy().repeat(K, axis=1)
+    per_frame = draw_timesteps((B, K), num_timesteps, p, rng).numpy()
     use_per_frame = rng.random(B) < MIXED_PER_FRAME_PROB
     t = np.where(use_per_frame[:, None], per_frame, per_video)
     noisy_obs = rng.random(B) < MIXED_NOISY_OBS_PROB
+    # Observed frames carry no loss, so their small t stays uniform whatever p is.
     small = rng.integers(0, max(1, int(MAX_OBS_NOISE_FRACTION * num_timesteps)), size=(B, K))
     is_obs = batch["obs_mask"].view(B, K).numpy() > 0
     t = np.where(is_obs & noisy_obs[:, None], small, t)

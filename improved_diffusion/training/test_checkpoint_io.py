@@ -1,7 +1,6 @@
 """Checkpoint files: atomic writes, complete steps, keep_last, weights-only loading."""
 
 import os
-import pickle
 import signal
 import subprocess
 import sys
@@ -10,6 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from improved_diffusion.checkpoints import read_checkpoint_file
+from improved_diffusion.errors import CheckpointError
 from improved_diffusion.training import checkpoint_io
 
 REPO = Path(__file__).resolve().parents[2]
@@ -24,7 +25,7 @@ def write_step(run_dir, step, rates=(0.9999,), skip=()):
 def test_atomic_save_round_trip_with_shared_permissions(tmp_path):
     path = tmp_path / "run" / "model000001.pt"  # the directory is created
     checkpoint_io.atomic_save({"state_dict": {"w": torch.arange(4.0)}, "config": {"lr": 1e-4}}, str(path))
-    data = checkpoint_io.load(str(path))
+    data = read_checkpoint_file(str(path))
     assert torch.equal(data["state_dict"]["w"], torch.arange(4.0)) and data["config"] == {"lr": 1e-4}
     umask = os.umask(0o022)
     os.umask(umask)
@@ -40,8 +41,8 @@ class Payload:
 def test_load_refuses_files_that_would_run_code(tmp_path):
     path = tmp_path / "evil.pt"
     torch.save({"state_dict": Payload()}, path)
-    with pytest.raises(pickle.UnpicklingError):
-        checkpoint_io.load(str(path))
+    with pytest.raises(CheckpointError, match="could not be read"):
+        read_checkpoint_file(str(path))
 
 
 def test_only_steps_with_every_file_are_complete(tmp_path):
@@ -54,7 +55,7 @@ def test_only_steps_with_every_file_are_complete(tmp_path):
     assert checkpoint_io.complete_steps(str(tmp_path), rates) == [1]
     assert checkpoint_io.complete_steps(str(tmp_path), (0.9,)) == [1, 3]  # step 3 has its 0.9 EMA
     assert checkpoint_io.complete_steps(str(tmp_path / "missing"), rates) == []
-    assert checkpoint_io.newest_model_file(str(tmp_path)).endswith("model000003.pt")
+    assert checkpoint_io.model_files_newest_first(str(tmp_path))[0].endswith("model000003.pt")
 
 
 def test_keep_last_deletes_only_older_complete_steps(tmp_path):
@@ -88,7 +89,7 @@ def test_kill_9_in_the_middle_of_a_save_leaves_the_old_file(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, timeout=120)
     assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
-    assert torch.equal(checkpoint_io.load(str(path))["w"], torch.zeros(3))
+    assert torch.equal(read_checkpoint_file(str(path))["w"], torch.zeros(3))
     leftovers = [n for n in os.listdir(tmp_path) if n.startswith(checkpoint_io.TMP_PREFIX)]
     assert len(leftovers) == 1
     checkpoint_io.remove_stale_temporaries(str(tmp_path))

@@ -22,7 +22,7 @@ from improved_diffusion.training.test_train_loop import flat
 
 REPO = Path(__file__).resolve().parents[2]
 MPIEXEC = Path(sys.executable).parent / "mpiexec"
-TINY = ["--image_size", "16", "--num_channels", "32", "--channel_mult", "1,2", "--attention_resolutions", "8",
+TINY = ["--dataset", "bouncing_balls", "--image_size", "16", "--num_channels", "32", "--num_res_blocks", "1", "--channel_mult", "1,2", "--attention_resolutions", "8",
         "--num_heads", "2", "--T", "10", "--max_frames", "4", "--diffusion_steps", "50", "--log_interval", "1"]
 
 needs_mpiexec = pytest.mark.skipif(not MPIEXEC.exists(), reason="no mpiexec beside the Python executable")

@@ -30,42 +30,92 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm.auto import tqdm
 
 from .. import dist_util
-from ..checkpoints import read_checkpoint_file
-from ..errors import TrainingError
+from ..checkpoints import read_checkpoint_file, read_model_checkpoint
+from ..errors import CheckpointError, ConfigError, TrainingError
 from . import checkpoint_io
-from .frame_masks import training_example
+from .frame_masks import NOISE_MODES, training_example
+from .timestep_sampler import SCHEDULE_SAMPLERS, create_schedule_sampler, importance_weights
 
 
 @dataclass
 class TrainConfig:
-    dataset: str = "bouncing_balls"
-    batch_size: int = 4  # per rank: the effective batch is batch_size x number of ranks
-    microbatch: int = -1  # -1: no gradient accumulation
+    """FDM's training flags with FDM's defaults (scripts/video_train.py), then ours."""
+
+    dataset: str = ""  # required: a registered name or a folder of videos
+    schedule_sampler: str = "uniform"  # uniform | loss-second-moment (see timestep_sampler)
     lr: float = 1e-4
     weight_decay: float = 0.0
     lr_anneal_steps: int = 0  # linear decay of lr to 0 at this step (0: constant)
+    batch_size: int = 1  # per rank: the effective batch is batch_size x number of ranks
+    microbatch: int = -1  # <= 0: no gradient accumulation
     ema_rate: str = "0.9999"  # comma-separated list
     log_interval: int = 10
     save_interval: int = 50000
-    sample_interval: int = 50000
+    resume_checkpoint: str = ""  # start a new run from these weights (FDM's meaning)
+    use_fp16: bool = False  # only False: mixed precision is not implemented yet
+    fp16_scale_growth: float = 1e-3  # recorded in the run's config; unused until use_fp16 works
+    resume_id: str = ""  # FDM's spelling of --wandb_id
+    num_workers: int = -1  # threads reading videos; -1: number of cores - 1 (FDM's rule)
+    pad_with_random_frames: bool = True
     max_frames: int = 20
     T: int = -1  # video length to train on; -1: the dataset's default
-    pad_with_random_frames: bool = True
-    num_workers: int = 0
+    sample_interval: int = 50000  # <= 0: no previews
     noise_mode: str = "fdm"  # fdm | diffusion_forcing | mixed
     max_steps: int = 0  # stop after this many steps (0: run forever, or until lr_anneal_steps)
     seed: int = 0
     checkpoint_dir: str = "checkpoints"
-    resume_checkpoint: str = ""  # start a new run from these weights (FDM's meaning)
     wandb_id: str = ""  # resume this run
-    resume_id: str = ""  # FDM's spelling of --wandb_id
     keep_last: int = 0  # keep only the newest K checkpoint steps (0: keep all)
     max_nonfinite_steps: int = 20  # stop after this many consecutive non-finite losses
     on_bad_video: str = "stop"  # stop | skip: what an unreadable or malformed video does to training
 
+    def validate(self):
+        """Raise ConfigError naming the first flag that training cannot run with (cheap: no files read).
+
+        T == -1 (the dataset's length) must be resolved before max_frames is compared with it.
+        """
+        if not self.dataset:
+            raise ConfigError("--dataset is required: a registered dataset name or a folder of videos.")
+        for name in ("batch_size", "log_interval", "save_interval", "max_frames", "max_nonfinite_steps"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name} must be a positive integer, got {getattr(self, name)}.")
+        for name in ("lr_anneal_steps", "max_steps", "keep_last", "seed"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"--{name} must be 0 or positive, got {getattr(self, name)}.")
+        if not self.lr > 0:
+            raise ConfigError(f"--lr must be positive, got {self.lr}.")
+        if not self.weight_decay >= 0:
+            raise ConfigError(f"--weight_decay must be 0 or positive, got {self.weight_decay}.")
+        parse_ema_rates(self.ema_rate)
+        if self.T != -1 and self.T < 1:
+            raise ConfigError(f"--T must be -1 (the dataset's length) or positive, got {self.T}.")
+        if self.T != -1 and self.max_frames > self.T:
+            raise ConfigError(f"--max_frames {self.max_frames} is larger than --T {self.T}: "
+                              f"an example cannot hold more frames than its video has.")
+        if self.num_workers < -1:
+            raise ConfigError(f"--num_workers must be -1 (cores - 1) or at least 0, got {self.num_workers}.")
+        if self.use_fp16:
+            raise ConfigError("--use_fp16 True is not supported yet; train in float32 (--use_fp16 False).")
+        if not self.fp16_scale_growth >= 0:
+            raise ConfigError(f"--fp16_scale_growth must be 0 or positive, got {self.fp16_scale_growth}.")
+        for name, allowed in (("noise_mode", NOISE_MODES), ("schedule_sampler", SCHEDULE_SAMPLERS),
+                              ("on_bad_video", ON_BAD_VIDEO)):
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"--{name} must be one of {', '.join(allowed)}, got '{getattr(self, name)}'.")
+
+
+ON_BAD_VIDEO = ("stop", "skip")
+
 
 def parse_ema_rates(text):
-    return [float(r) for r in str(text).split(",") if r.strip()]
+    """--ema_rate as a list of floats, each in (0, 1)."""
+    try:
+        rates = [float(r) for r in str(text).split(",") if r.strip()]
+    except ValueError:
+        raise ConfigError(f"--ema_rate must be comma-separated numbers, got '{text}'.") from None
+    if not rates or not all(0 < r < 1 for r in rates):
+        raise ConfigError(f"--ema_rate must be one or more rates in (0, 1), got '{text}'.")
+    return rates
 
 
 def example_generators(seed, step, index):
@@ -100,19 +150,21 @@ def collate(examples):
     return batch
 
 
-def training_batch(videos, pad_videos, first_index, seed, step, max_frames, noise_mode, num_timesteps):
+def training_batch(videos, pad_videos, first_index, seed, step, max_frames, noise_mode, num_timesteps, p=None):
     """One rank's training examples: frames, masks, timesteps and noise, example j being global example first_index + j.
 
-    videos, pad_videos: [B x T x C x H x W] (pad_videos None: no padding frames). Returns
-    training_example's dict plus `noise` and `obs_noise` (like `x`).
+    videos, pad_videos: [B x T x C x H x W] (pad_videos None: no padding frames); p: the
+    timestep distribution (None: uniform). Returns training_example's dict plus `noise`
+    and `obs_noise` (like `x`) and `weights`, the importance weights of `t` (like `t`).
     """
     examples = []
     for j in range(len(videos)):
         rng, torch_gen = example_generators(seed, step, first_index + j)
         pad = None if pad_videos is None else pad_videos[j: j + 1]
-        example = training_example(videos[j: j + 1], pad, max_frames, noise_mode, num_timesteps, rng)
+        example = training_example(videos[j: j + 1], pad, max_frames, noise_mode, num_timesteps, rng, p)
         example["noise"] = torch.randn(example["x"].shape, generator=torch_gen)
         example["obs_noise"] = torch.randn(example["x"].shape, generator=torch_gen)
+        example["weights"] = importance_weights(example["t"], p)
         examples.append(example)
     return collate(examples)
 
@@ -166,6 +218,7 @@ class TrainLoop:
         self.rank = dist_util.get_rank()
         self.world_size = dist_util.get_world_size()
         self.ema_rates = parse_ema_rates(config.ema_rate)
+        self.schedule_sampler = create_schedule_sampler(config.schedule_sampler, diffusion.num_timesteps)
         self.microbatch = config.microbatch if config.microbatch > 0 else config.batch_size
         self.step = start_step
         self.last_saved_step = None
@@ -185,27 +238,66 @@ class TrainLoop:
 
     # ------------------------------------------------------------------ resume
 
-    def load_state(self, step):
-        """Restore model, every EMA, optimizer and step from a complete checkpoint step.
+    def read_step(self, step):
+        """(model state, EMA states, optimizer state, schedule sampler state) of a complete step.
 
-        Rank 0 reads the files and sends their contents to the others, so only rank 0
-        needs to see the checkpoint directory.
+        Optimizer files are ours ({"optimizer", "step", ...}) or FDM's (the optimizer's bare
+        state_dict, written by FDM's train_util.TrainLoop.save); model and EMA files have the
+        same {"config", "state_dict", "step"} layout in both. Raises CheckpointError.
         """
-        states = None
+        *ema_files, model_file, opt_file = checkpoint_io.step_files(self.run_dir, step, self.ema_rates)
+        states = [read_model_checkpoint(path)["state_dict"] for path in [model_file, *ema_files]]
+        opt = read_checkpoint_file(opt_file)
+        if isinstance(opt, dict) and "optimizer" in opt:
+            return states[0], states[1:], opt["optimizer"], opt.get("schedule_sampler")
+        if isinstance(opt, dict) and {"state", "param_groups"} <= set(opt):
+            return states[0], states[1:], opt, None
+        raise CheckpointError(f"'{opt_file}' is not an optimizer checkpoint: it has neither 'optimizer' "
+                              f"nor 'state' and 'param_groups'.")
+
+    def load_newest_readable(self, steps):
+        """Restore model, EMAs, optimizer, sampler and step from the newest of `steps` whose files all read.
+
+        A step with an unreadable file (truncated by a crash, corrupt) is skipped with one
+        line naming the file; a file of the wrong model is an error. Rank 0 reads the files
+        and sends their contents to the others, so only rank 0 needs to see the run directory.
+        Returns the step loaded.
+        """
+        found = None
         if self.rank == 0:
-            *ema_files, model_file, opt_file = checkpoint_io.step_files(self.run_dir, step, self.ema_rates)
-            states = (read_checkpoint_file(model_file)["state_dict"],
-                      [read_checkpoint_file(path)["state_dict"] for path in ema_files],
-                      read_checkpoint_file(opt_file)["optimizer"])
-        model_state, ema_states, opt_state = dist_util.broadcast_object(states)
-        self.model.load_state_dict(model_state)
+            for step in sorted(steps, reverse=True):
+                try:
+                    found = (step, self.read_step(step))
+                    break
+                except CheckpointError as e:
+                    self.logger.info(f"skipping checkpoint step {step}: {e}")
+            if found is None:
+                found = CheckpointError(f"No checkpoint step in {self.run_dir} can be read "
+                                        f"(tried {', '.join(map(str, sorted(steps, reverse=True)))}).")
+        found = dist_util.broadcast_object(found)
+        if isinstance(found, CheckpointError):
+            raise found
+        step, (model_state, ema_states, opt_state, sampler_state) = found
         names = [name for name, _ in self.model.named_parameters()]
+        try:
+            self.model.load_state_dict(model_state)
+            for state in ema_states:
+                missing = [n for n in names if n not in state or state[n].shape != model_state[n].shape]
+                if missing:
+                    raise RuntimeError(f"EMA weights lack or misshape {missing[0]}")
+            self.opt.load_state_dict(opt_state)
+        except (RuntimeError, ValueError, KeyError) as e:
+            first = (str(e).strip().splitlines() or [""])[0]
+            raise CheckpointError(f"Checkpoint step {step} in {self.run_dir} does not fit this model: {first}") \
+                from None
         with torch.no_grad():
             for ema, state in zip(self.ema_params, ema_states):
                 for p, name in zip(ema, names):
                     p.copy_(state[name])
-        self.opt.load_state_dict(opt_state)
+        if sampler_state:
+            self.schedule_sampler.load_state_dict(sampler_state)
         self.step = self.last_saved_step = step
+        return step
 
     # ------------------------------------------------------------------ training
 
@@ -277,14 +369,17 @@ class TrainLoop:
         batch = training_batch(videos[:B], videos[B:] if self.cfg.pad_with_random_frames else None,
                                first_index=self.rank * B, seed=self.cfg.seed, step=self.step,
                                max_frames=self.cfg.max_frames, noise_mode=self.cfg.noise_mode,
-                               num_timesteps=self.diffusion.num_timesteps)
+                               num_timesteps=self.diffusion.num_timesteps, p=self.schedule_sampler.probabilities())
         for group in self.opt.param_groups:
             group["lr"] = self.lr_at(self.step)
         self.opt.zero_grad(set_to_none=True)
         total = 0.0
+        seen_t, seen_losses = [], []
         for start in range(0, B, self.microbatch):
             end = min(start + self.microbatch, B)
-            loss, terms, t, trained = self.microbatch_loss(batch, start, end)
+            loss, terms, t, trained, (ts, losses) = self.microbatch_loss(batch, start, end)
+            seen_t.append(ts)
+            seen_losses.append(losses)
             scaled = loss * (end - start) / B
             if end >= B or self.world_size == 1:
                 scaled.backward()  # DDP averages the accumulated gradients over ranks here
@@ -293,6 +388,7 @@ class TrainLoop:
                     scaled.backward()
             total += float(loss.detach()) * (end - start) / B
             self.log_loss_terms(terms, t, trained)
+        self.update_schedule_sampler(np.concatenate(seen_t), np.concatenate(seen_losses))
         if not dist_util.all_ranks_agree(math.isfinite(total) and self.grads_finite()):
             return self.skip_step()
         self.nonfinite_in_a_row = 0
@@ -334,9 +430,32 @@ class TrainLoop:
         loss_mask = 1 - obs_mask if self.cfg.pad_with_random_frames else latent_mask
         model_kwargs = {"x0": x0, "frame_indices": part["frame_indices"], "obs_mask": obs_mask,
                         "latent_mask": latent_mask}
-        terms = self.diffusion.training_losses(self.ddp_model, x, t, model_kwargs, noise=part["noise"],
-                                               latent_mask=loss_mask)
-        return terms["loss"].mean(), terms, t, loss_mask
+        frame_terms = self.diffusion.training_losses(self.ddp_model, x, t, model_kwargs, noise=part["noise"],
+                                                     latent_mask=loss_mask, per_frame_terms=True)
+        # Each trained frame's loss times its timestep's importance weight, averaged over the
+        # example's trained frames (with uniform timesteps every weight is 1).
+        B, K = loss_mask.shape[:2]
+        trained = loss_mask.view(B, K)
+        weights = part["weights"].view(B, -1)
+        count = trained.sum(1).clamp(min=1)
+        terms = {k: (v * weights).sum(1) / count for k, v in frame_terms.items()}
+        return terms["loss"].mean(), terms, t, loss_mask, self.losses_seen(t, frame_terms["loss"], trained, count)
+
+    def losses_seen(self, t, frame_losses, trained, count):
+        """(timesteps, unweighted losses) for the schedule sampler's history, as numpy arrays:
+        one per example for a per-video t (FDM's rule), one per trained frame for per-frame t."""
+        frame_losses = frame_losses.detach().float().cpu()
+        if t.dim() == 1:
+            return t.cpu().numpy(), (frame_losses.sum(1) / count.cpu()).numpy()
+        chosen = trained.cpu() > 0
+        return t.cpu()[chosen].numpy(), frame_losses[chosen].numpy()
+
+    def update_schedule_sampler(self, timesteps, losses):
+        """Give every rank's (timestep, loss) pairs, in rank order, to the schedule sampler of every rank."""
+        if self.cfg.schedule_sampler == "uniform":
+            return
+        for ts, ls in dist_util.all_gather_object((timesteps, losses)):
+            self.schedule_sampler.update(ts, ls)
 
     def log_loss_terms(self, terms, t, trained):
         """Mean of each loss term, overall and per quarter of the timestep range."""
@@ -368,7 +487,8 @@ class TrainLoop:
                 checkpoint_io.atomic_save(self.checkpoint_dict(state), path)
             *_, model_file, opt_file = self.step_files()
             checkpoint_io.atomic_save(self.checkpoint_dict(model_state), model_file)
-            checkpoint_io.atomic_save({"optimizer": to_cpu(self.opt.state_dict()), "step": self.step}, opt_file)
+            checkpoint_io.atomic_save({"optimizer": to_cpu(self.opt.state_dict()), "step": self.step,
+                                       "schedule_sampler": self.schedule_sampler.state_dict()}, opt_file)
             checkpoint_io.remove_old_steps(self.run_dir, self.ema_rates, self.cfg.keep_last)
             self.logger.info(f"saved step {self.step} to {self.run_dir}")
         self.last_saved_step = self.step
