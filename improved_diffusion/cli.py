@@ -33,12 +33,14 @@ def str2bool(v):
 def add_dataclass_args(parser, cls, overrides=None, choices=None):
     """One --flag per field, typed by the field's default (booleans accept true/false).
 
-    `choices` maps field names to their allowed values (argparse's `choices=`).
+    `choices` maps field names to their allowed values (argparse's `choices=`); a field's help text
+    is `field(metadata={"help": ...})`.
     """
     for field in dataclasses.fields(cls):
         default = (overrides or {}).get(field.name, field.default)
         kind = str2bool if isinstance(default, bool) else type(default)
-        parser.add_argument(f"--{field.name}", default=default, type=kind, choices=(choices or {}).get(field.name))
+        parser.add_argument(f"--{field.name}", default=default, type=kind, choices=(choices or {}).get(field.name),
+                            help=field.metadata.get("help"))
 
 
 def dataclass_from_dict(cls, values):

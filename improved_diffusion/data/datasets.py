@@ -409,12 +409,12 @@ def _scan_lengths(paths, skip_bad):
     for path in paths:
         stat = path.stat()
         key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
-        if key not in _length_cache:
+        if key not in _length_cache or (_length_cache[key] is None and not skip_bad):
             try:
                 _length_cache[key] = video_length(path)
             except DatasetError:
                 if not skip_bad:
-                    raise
+                    raise  # a file remembered as unreadable is read again, so the caller learns why
                 _length_cache[key] = None
         lengths[path] = _length_cache[key]
     return lengths

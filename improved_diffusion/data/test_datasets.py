@@ -564,3 +564,12 @@ def test_scripts_parse(script):
 def test_scripts_pass_shellcheck():
     result = subprocess.run(["shellcheck", "-x", *SCRIPTS], cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout
+
+
+def test_a_file_skipped_once_as_unreadable_still_fails_a_strict_scan(tmp_path):
+    bad = tmp_path / "broken.npy"
+    bad.write_bytes(b"not a video")
+    lengths = video_datasets._scan_lengths([bad], skip_bad=True)
+    assert lengths[bad] is None
+    with pytest.raises(DatasetError, match="broken.npy"):
+        video_datasets._scan_lengths([bad], skip_bad=False)
