@@ -15,8 +15,9 @@ import pytest
 import torch
 from PIL import Image
 
+from improved_diffusion import cli
 from improved_diffusion.sampling.noise_schedules import noise_levels
-from improved_diffusion.evaluation.report import scheme_stages
+from improved_diffusion.sampling.scheme import Scheme
 from improved_diffusion.script_util import DiffusionConfig, ModelConfig, create_model
 
 SCRIPTS = Path(__file__).resolve().parent
@@ -53,23 +54,22 @@ def checkpoint(tmp_path_factory):
 def compared(checkpoint, tmp_path_factory):
     """One comparison of two schemes on two videos, shared by the tests that only read it."""
     out_dir = tmp_path_factory.mktemp("compare")
-    code = compare_schemes.cli([checkpoint, *ARGS, "--out_dir", str(out_dir)])
+    code = cli.run(compare_schemes.main, compare_schemes.create_argparser(), [checkpoint, *ARGS, "--out_dir", str(out_dir)])
     assert code == 0
     return out_dir
 
 
 def run(capsys, *argv):
-    code = compare_schemes.cli([str(a) for a in argv])
+    code = cli.run(compare_schemes.main, compare_schemes.create_argparser(), [str(a) for a in argv])
     return code, *capsys.readouterr()
 
 
 def plan_nfe(eval_dir):
     """Network evaluations per video from the plan: the sum over stages of noise-level rows - 1."""
-    config = json.loads((eval_dir / "sampling_config.json").read_text())
-    stages = scheme_stages(config["sampling_scheme"], config["T"], config["n_obs"], config["max_frames"])
+    scheme = Scheme.from_json((eval_dir / "sampling_config.json").read_text())
     S = 4  # --timestep_respacing 4, no --sampling_steps
-    return sum(len(noise_levels(config["noise_schedule"], len(latent), S, config["uncertainty_scale"])) - 1
-               for _, latent in stages)
+    return sum(len(noise_levels(scheme.stage.noise_schedule, len(latent), S, scheme.stage.uncertainty_scale)) - 1
+               for _, latent in scheme.stages())
 
 
 def test_report_has_a_row_and_pictures_per_scheme(compared):
@@ -124,6 +124,9 @@ def test_a_rerun_resumes_without_sampling_again(checkpoint, compared, capsys):
     (["--metrics", "psnr,fvd"], "FVD needs the I3D network"),
     (["--metrics", "fvd", "--i3d_path", "i3d.pt", "--n_videos", "1"], "FVD needs at least 2 videos"),
     (["--n_videos", "0"], "n_videos must be at least 1"),
+    (["--n_videos", "101"], "--n_videos 101 exceeds the 100 test videos"),
+    (["--metrics", "fvd", "--i3d_path", "no/i3d.pt"], "--i3d_path no/i3d.pt is not a file"),
+    (["--T", "-3"], "--T must be at least 1"),
 ])
 def test_impossible_settings_fail_before_sampling(checkpoint, tmp_path, capsys, argv, message):
     code, _, err = run(capsys, checkpoint, "--T", "8", *argv, "--out_dir", tmp_path / "out")

@@ -1,5 +1,7 @@
 """Tests for scripts/video_sample.py on a tiny random checkpoint: every preset and some plan x schedule
-combinations end to end, reproducibility across batch splits, --just_visualise, and one-line errors."""
+combinations end to end, the saved scheme, files equal to the stage sampler's output, reproducibility
+across batch splits, --just_visualise, and one-line errors (scripts/test_sampling_errors.py has the
+full table of bad flags and paths)."""
 
 import dataclasses
 import importlib.util
@@ -14,9 +16,13 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from improved_diffusion.sampling.plans import presets
-from improved_diffusion.script_util import DiffusionConfig, ModelConfig, create_model
+from improved_diffusion import cli
+from improved_diffusion.checkpoints import load_checkpoint
 from improved_diffusion.data.datasets import get_dataset
+from improved_diffusion.sampling import run as sampling_run
+from improved_diffusion.sampling.sampler import one_video_at_a_time, sample_with_scheme, video_generator
+from improved_diffusion.sampling.scheme import PRESETS, Scheme
+from improved_diffusion.script_util import DiffusionConfig, ModelConfig, create_model
 
 SCRIPTS = Path(__file__).resolve().parent
 
@@ -67,7 +73,7 @@ def checkpoint(tmp_path_factory):
 
 
 def run(capsys, *argv):
-    code = video_sample.cli([str(a) for a in argv])
+    code = cli.run(video_sample.main, video_sample.create_argparser(), [str(a) for a in argv])
     out, err = capsys.readouterr()
     return code, out, err
 
@@ -90,7 +96,7 @@ def sample_and_check(capsys, checkpoint, eval_dir, *argv, videos=1):
     return samples
 
 
-@pytest.mark.parametrize("name", list(presets))
+@pytest.mark.parametrize("name", list(PRESETS))
 def test_every_preset_runs(capsys, tmp_path, checkpoint, name):
     extra = []
     if name == "optimal":  # observe the two newest frames at every stage
@@ -98,6 +104,27 @@ def test_every_preset_runs(capsys, tmp_path, checkpoint, name):
         (tmp_path / "optimal.json").write_text(json.dumps(schedule))
         extra = ["--optimality", tmp_path / "optimal.json"]
     sample_and_check(capsys, checkpoint, tmp_path / "out", "--sampling_scheme", name, *extra)
+    # The saved JSON rebuilds the scheme that sampled.
+    config = json.loads((tmp_path / "out" / "sampling_config.json").read_text())
+    expected = Scheme.from_preset(name, T=T, max_frames=K, timestep_respacing="4",
+                                  optimality=None if not extra else str(extra[1]))
+    assert Scheme.from_dict(config) == expected
+
+
+def test_files_equal_the_stage_sampler_output(capsys, tmp_path, checkpoint):
+    """A sample file is the stage sampler's output for the same scheme and generator, as uint8."""
+    argv = ["--sampling_scheme", "long-range", "--noise_schedule", "pyramid", "--stabilization_level", "5",
+            "--seed", "3", "--sample_idx", "1", "--start_index", "1"]
+    code, _, err = run(capsys, checkpoint, "--timestep_respacing", "4", "--stop_index", 2, "--eval_dir",
+                       tmp_path, *argv)
+    assert code == 0, err
+    scheme = Scheme.from_preset("long-range", T=T, max_frames=K, noise_schedule="pyramid", stabilization_level=5)
+    model, diffusion, _ = load_checkpoint(checkpoint, "4")
+    videos = torch.zeros(1, T, 3, SIZE, SIZE)
+    videos[0, :scheme.n_obs] = get_dataset("bouncing_balls", split="test", T=scheme.n_obs, image_size=SIZE).video(1)
+    out = sample_with_scheme(one_video_at_a_time(model), diffusion, scheme, videos, [video_generator(3, 1, 1)])
+    expected = ((out[0].clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
+    assert np.array_equal(np.load(tmp_path / "samples" / "sample_0001-1.npy"), expected)
 
 
 @pytest.mark.parametrize("argv", [
@@ -113,7 +140,7 @@ def test_plans_compose_with_schedules(capsys, tmp_path, checkpoint, argv):
     sample_and_check(capsys, checkpoint, tmp_path / "out", *argv)
     config = json.loads((tmp_path / "out" / "sampling_config.json").read_text())
     if "--noise_schedule" in argv:
-        assert config["settings"]["noise_schedule"] == argv[argv.index("--noise_schedule") + 1]
+        assert config["noise_schedule"] == argv[argv.index("--noise_schedule") + 1]
     if "--chunk_size" in argv:
         assert (config["plan"], config["step_size"]) == ("sliding-window", 2)
 
@@ -144,7 +171,7 @@ def no_model_loading(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("the model was loaded")
 
-    monkeypatch.setattr(video_sample, "load_checkpoint", refuse)
+    monkeypatch.setattr(sampling_run, "load_checkpoint", refuse)
 
 
 def test_just_visualise_draws_the_same_png_as_video_schedule(capsys, tmp_path, checkpoint, no_model_loading):
@@ -152,8 +179,9 @@ def test_just_visualise_draws_the_same_png_as_video_schedule(capsys, tmp_path, c
                          "--noise_schedule", "pyramid", "--eval_dir", tmp_path / "vis")
     assert code == 0, err
     assert out.strip() == str(tmp_path / "vis" / "plan.png")
-    assert video_schedule.main(["--sampling_scheme", "hierarchy-2", "--T", str(T), "--n_obs", "3", "--max_frames",
-                                str(K), "--format", "png", "--out", str(tmp_path / "ref.png")]) == 0
+    assert cli.run(video_schedule.main, video_schedule.create_argparser(),
+                   ["--sampling_scheme", "hierarchy-2", "--T", str(T), "--n_obs", "3", "--max_frames", str(K),
+                    "--format", "png", "--out", str(tmp_path / "ref.png")]) == 0
     assert (tmp_path / "vis" / "plan.png").read_bytes() == (tmp_path / "ref.png").read_bytes()
 
 

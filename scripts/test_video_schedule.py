@@ -9,7 +9,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from improved_diffusion import cli
 from improved_diffusion.sampling.plan_picture import COLOURS, plan_image
+from improved_diffusion.sampling.scheme import Scheme
 
 SCRIPT = Path(__file__).resolve().parent / "video_schedule.py"
 _spec = importlib.util.spec_from_file_location("video_schedule", SCRIPT)
@@ -18,7 +20,7 @@ _spec.loader.exec_module(video_schedule)
 
 
 def run(capsys, *argv):
-    code = video_schedule.main(list(argv))
+    code = cli.run(video_schedule.main, video_schedule.create_argparser(), list(argv))
     out, err = capsys.readouterr()
     return code, out, err
 
@@ -32,6 +34,9 @@ def test_json_hierarchy(capsys):
         ([0, 0, 0], [1, 5, 9]), ([0, 1, 5], [2, 3, 4]), ([4, 5, 9], [6, 7, 8])]
     assert doc["stages"][0]["noise_levels"] == [[4, 4, 4], [3, 3, 3], [2, 2, 2], [1, 1, 1], [0, 0, 0]]
     assert (doc["stabilization_level"], doc["chunk_size"], doc["noise_schedule"]) == (0, 0, "full_sequence")
+    # The JSON is the scheme as video_sample.py saves it.
+    assert Scheme.from_dict(doc) == Scheme.from_preset("hierarchy-2", T=10, n_obs=1, max_frames=6,
+                                                       max_latent_frames=3, sampling_steps=4)
 
 
 def test_json_df_pyramid_preset_and_overrides(capsys):
@@ -90,7 +95,7 @@ def test_bad_input_one_line_exit_2(capsys):
     ]
     for argv, message in cases:
         try:
-            code = video_schedule.main(argv)
+            code = cli.run(video_schedule.main, video_schedule.create_argparser(), argv)
         except SystemExit as e:  # argparse errors
             code = e.code
         _, err = capsys.readouterr()

@@ -33,16 +33,16 @@ from .evaluate import (
     write_metrics,
 )
 from .metrics import MetricUnavailable, load_i3d, load_lpips
-from ..sampling.plan_picture import draw_plan
 from .plots import frame_strip, plot_per_frame
-from ..errors import ConfigError, EvalError, PlanError
-from ..results import SAMPLE_RE, find_samples, read_sampling_config, write_json_atomic
-from ..sampling.plans import ADAPTIVE_PLANS, plan_stages, presets, resolve_scheme
+from ..errors import ConfigError, UserError
 from ..models import UNetVideoModel
+from ..results import SAMPLE_RE, find_samples, read_sampling_config, write_json_atomic
+from ..sampling.plan_picture import draw_plan
+from ..sampling.plans import sampling_schemes
+from ..sampling.scheme import PRESETS, Scheme
 
 RUNS_FILE = "runs.json"
 SETTINGS_FILE = "compare_config.json"
-DEFAULT_SCHEMES = "autoreg,long-range,hierarchy-2,df-pyramid"
 
 
 # ---------------------------------------------------------------------------
@@ -56,20 +56,9 @@ def parse_schemes(text):
     if not names:
         raise ConfigError("--schemes names no sampling scheme.")
     for name in names:
-        if name not in presets:
-            raise ConfigError(f"Unknown sampling scheme {name!r}; valid names are {', '.join(presets)}.")
+        if name not in PRESETS:
+            raise ConfigError(f"Unknown sampling scheme {name!r}; valid names are {', '.join(PRESETS)}.")
     return names
-
-
-def scheme_stages(name, T, n_obs, max_frames, max_latent_frames=None):
-    """The stages of scheme `name` (adaptive plans: of their non-adaptive counterpart), or PlanError.
-
-    Checking every scheme this way before sampling any makes an impossible setting fail at once,
-    not after the schemes before it have sampled.
-    """
-    scheme = resolve_scheme(name, max_frames, max_latent_frames)
-    plan = scheme["plan"].replace("adaptive-", "")
-    return plan_stages(plan, T, n_obs, max_frames, scheme["step_size"])
 
 
 def check_settings_file(out_dir, settings, write=True):
@@ -236,13 +225,13 @@ def draw_scheme_pictures(eval_dir):
     notes = []
     plan_path = os.path.join(eval_dir, "plan.png")
     try:
-        stages = plan_stages(config["plan"].replace("adaptive-", ""), int(config["T"]), int(config["n_obs"]),
-                             int(config["max_frames"]), int(config["step_size"]))
-        draw_plan(stages, int(config["T"]), plan_path)
-        if config["plan"] in ADAPTIVE_PLANS:
-            notes.append(f"{config['plan']} picks its observed frames from the videos; the picture shows the "
-                         f"plan of {config['plan'].replace('adaptive-', '')}, which generates the same frames.")
-    except (PlanError, KeyError) as e:
+        scheme = Scheme.from_dict(config)
+        draw_plan(scheme.stages(), scheme.T, plan_path)
+        if scheme.adaptive:
+            counterpart = sampling_schemes[scheme.plan].counterpart()
+            notes.append(f"{scheme.plan} picks its observed frames from the videos; the picture shows the "
+                         f"plan of {counterpart}, which generates the same frames.")
+    except (UserError, TypeError) as e:  # TypeError: a config whose entries are not a scheme's
         plan_path = None
         notes.append(f"no plan picture ({e}).")
     sample_dir = os.path.join(eval_dir, "samples")

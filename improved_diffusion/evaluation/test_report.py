@@ -10,7 +10,9 @@ from PIL import Image
 
 from improved_diffusion.evaluation import report
 from improved_diffusion.evaluation.plots import SHADE, frame_strip, nice_ticks, plot_per_frame
-from improved_diffusion.sampling.plans import PlanError
+from improved_diffusion.sampling.plan_picture import draw_plan
+from improved_diffusion.sampling.plans import plan_stages
+from improved_diffusion.sampling.scheme import Scheme
 from improved_diffusion.script_util import ModelConfig, UserError, create_model
 from improved_diffusion.evaluation.video_files import GENERATED_COLOUR, OBSERVED_COLOUR
 
@@ -75,11 +77,24 @@ def test_parse_schemes():
         report.parse_schemes(",")
 
 
-def test_scheme_stages_checks_before_sampling():
-    stages = report.scheme_stages("adaptive-hierarchy-2", T=8, n_obs=2, max_frames=4)
-    assert stages == report.scheme_stages("hierarchy-2", T=8, n_obs=2, max_frames=4)
-    with pytest.raises(PlanError, match="max_frames >= 4"):
-        report.scheme_stages("hierarchy-2", T=8, n_obs=1, max_frames=3, max_latent_frames=2)
+def write_eval_dir(eval_dir, scheme, T=8):
+    (eval_dir / "samples").mkdir(parents=True)
+    (eval_dir / "sampling_config.json").write_text(json.dumps({"dataset": "bouncing_balls", **scheme.to_dict()}))
+    np.save(eval_dir / "samples" / "sample_0000-0.npy", np.zeros((T, 3, 8, 8), np.uint8))
+
+
+def test_scheme_pictures_come_from_the_saved_scheme(tmp_path):
+    """The plan picture is the saved scheme's plan; an adaptive plan's is its counterpart's, with a note."""
+    adaptive = Scheme.from_preset("adaptive-hierarchy-2", T=8, n_obs=2, max_frames=4)
+    write_eval_dir(tmp_path / "a", adaptive)
+    pictures = report.draw_scheme_pictures(tmp_path / "a")
+    draw_plan(plan_stages("hierarchy-2", 8, 2, 4, 2), 8, tmp_path / "ref.png")
+    assert (tmp_path / "ref.png").read_bytes() == open(pictures["plan"], "rb").read()
+    assert any("plan of hierarchy-2" in note for note in pictures["notes"])
+    # A saved scheme that no longer runs (its schedule file is gone) gets a note instead of a picture.
+    write_eval_dir(tmp_path / "b", Scheme("optimal", "optimal", 8, 2, 4, 2, optimality=str(tmp_path / "gone.pt")))
+    pictures = report.draw_scheme_pictures(tmp_path / "b")
+    assert pictures["plan"] is None and "does not exist" in pictures["notes"][0]
 
 
 def test_settings_file_refuses_other_settings(tmp_path):

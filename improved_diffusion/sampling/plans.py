@@ -1,8 +1,8 @@
 """Frame plans: which frames to observe and which to generate at each stage of sampling a long video.
 
 A plan splits the generation of a video of T frames, whose first `num_obs` frames are given, into
-stages ``(obs_indices, latent_indices)``: the model sees at most `max_frames` (K) frames at once and
-generates about `step_size` (S) new frames per stage, conditioned on frames that are already known.
+stages: the model sees at most `max_frames` (K) frames at once and generates about `step_size` (S)
+new frames per stage, conditioned on frames that are already known.
 
 The FDM plans (autoreg, long-range, hierarchy-N, adaptive variants, optimal schedules) reproduce the
 reference code of "Flexible Diffusion Modeling of Long Videos"
@@ -12,20 +12,23 @@ steps may shrink the step size and retry. Where the reference crashes, these pla
 instead. `sliding-window` is Diffusion Forcing's rollout (buoyancy99/diffusion-forcing,
 algorithms/diffusion_forcing/df_base.py, validation_step).
 
-The objects keep FDM's driving interface, because existing sampling scripts use it:
+One interface drives every plan:
 
-    scheme = sampling_schemes[name](video_length=T, num_obs=n_obs, max_frames=K, step_size=S,
-                                    optimal_schedule_path=None)
-    obs, latent = next(scheme)      # lists for one video
-    scheme.set_videos(videos)       # afterwards next() returns one list per video, as in FDM
+    plan = sampling_schemes[name](video_length=T, num_obs=n_obs, max_frames=K, step_size=S)
+    stage = plan.next_stage(videos)   # a Stage of per-video lists, or None when the video is complete
 
-`plan_stages` runs a non-adaptive plan to completion; `presets` names plan x noise-schedule pairs.
+`videos` ([B x T x C x H x W], the samples so far) is required by adaptive plans, which choose
+observed frames from it; other plans accept None (one video). Every plan knows the non-adaptive
+plan that generates the same frames (`counterpart`), so a plan can be checked and drawn without
+videos (`plan_stages`). FDM's own driving loop (`next(plan)`, `plan.set_videos(videos)`) is kept as
+a compatibility layer on top of `next_stage`. Presets of plan x noise schedule are in scheme.py.
 """
 
 import json
 import logging
 import math
 import os
+from typing import List, NamedTuple
 
 import numpy as np
 import torch
@@ -69,8 +72,15 @@ def load_optimal_schedule(path):
 # ---------------------------------------------------------------------------------------------
 
 
+class Stage(NamedTuple):
+    """One stage for a batch of videos: per video, the frames to observe and the frames to generate."""
+
+    obs: List[List[int]]
+    latent: List[List[int]]
+
+
 class SamplingScheme:
-    """Iterator over the stages of one plan; subclasses define `next_indices`.
+    """A frame plan; subclasses define `next_indices`, the driver is `next_stage`.
 
     State follows FDM's `SamplingSchemeBase`: `_done_frames` holds every frame known so far and
     `_obs_frames` the frames the plan anchors on (the given frames, or the frames of the unconditional
@@ -78,6 +88,13 @@ class SamplingScheme:
     """
 
     name = None
+    adaptive = False  # True: observed frames are chosen from the videos, so next_stage needs them
+    non_adaptive = None  # adaptive plans: the plan that generates the same frames in the same stages
+
+    @classmethod
+    def counterpart(cls):
+        """The registry name of the non-adaptive plan with this plan's latent frames (its own for most)."""
+        return cls.non_adaptive or cls.name
 
     def __init__(self, video_length, num_obs, max_frames, step_size, optimal_schedule_path=None):
         validate_plan_args(self.name, video_length, num_obs, max_frames, step_size, optimal_schedule_path)
@@ -91,22 +108,35 @@ class SamplingScheme:
         self.optimal_schedule = None
         if optimal_schedule_path is not None:
             self.optimal_schedule = load_optimal_schedule(optimal_schedule_path)
-        self.B = None  # batch size once set_videos was called, as in FDM
+        self._fdm_videos = None  # FDM compatibility: what set_videos last received
         logger.info(
             "sampling scheme %s (T=%d, n_obs=%d, max_frames=%d, step_size=%d%s)",
             self.name, self._video_length, self._num_obs, self._max_frames, self._step_size,
             "" if optimal_schedule_path is None else f", optimal schedule {optimal_schedule_path}",
         )
 
-    def __iter__(self):
-        return self
-
-    def set_videos(self, videos):
-        """Switch to FDM's batch output: next() then returns one (identical) list per video."""
-        self.B = len(videos)
-
     def is_done(self):
         return len(self._done_frames) >= self._video_length
+
+    def next_stage(self, videos=None):
+        """The next Stage for `videos` [B x T x C x H x W] (None: one video), or None when all frames are known."""
+        if self.is_done():
+            return None
+        B = 1 if videos is None else len(videos)
+        if self._num_obs == 0 and self._current_step == 0:
+            obs_lists, latent = [[] for _ in range(B)], self._unconditional_frames()
+            self._finish_stage(obs_lists, latent, unconditional=True)
+        else:
+            obs_lists, latent = self._observed_and_latent(videos, B)
+            self._finish_stage(obs_lists, latent, unconditional=False)
+        return Stage([[int(i) for i in obs] for obs in obs_lists], [[int(i) for i in latent] for _ in range(B)])
+
+    def _observed_and_latent(self, videos, B):
+        """(obs per video, latent) of a conditional stage; adaptive plans override this."""
+        obs, latent = self.next_indices()
+        if self.optimal_schedule is not None:
+            obs = self._optimal_obs()
+        return [list(obs) for _ in range(B)], latent
 
     def next_indices(self):
         """(obs, latent) for the next stage; not called for an unconditional first stage."""
@@ -115,21 +145,6 @@ class SamplingScheme:
     def _unconditional_frames(self):
         """Frames generated without conditioning when `num_obs` is 0 (FDM: the first K frames)."""
         return list(range(self._max_frames))
-
-    def __next__(self):
-        if self.is_done():
-            raise StopIteration
-        unconditional = self._num_obs == 0 and self._current_step == 0
-        if unconditional:
-            obs, latent = [], self._unconditional_frames()
-        else:
-            obs, latent = self.next_indices()
-            if self.optimal_schedule is not None:
-                obs = self._optimal_obs()
-        [obs], latent = self._finish_stage([obs], latent, unconditional)
-        if self.B is not None:
-            return [list(obs) for _ in range(self.B)], [list(latent) for _ in range(self.B)]
-        return obs, latent
 
     def _optimal_obs(self):
         """FDM replaces a stage's obs by the schedule's entry, or by none when the entry is missing."""
@@ -141,9 +156,7 @@ class SamplingScheme:
         return list(self.optimal_schedule[self._current_step])
 
     def _finish_stage(self, obs_lists, latent, unconditional):
-        """Check a stage, record its frames as done, and return it with plain-int indices."""
-        obs_lists = [[int(i) for i in obs] for obs in obs_lists]
-        latent = [int(i) for i in latent]
+        """Check a stage and record its frames as done."""
         for obs in obs_lists:
             for i in obs:
                 if i not in self._done_frames:
@@ -160,7 +173,30 @@ class SamplingScheme:
             # FDM: the unconditional frames take the place of the given frames from now on.
             self._obs_frames = list(latent)
         self._current_step += 1
-        return obs_lists, latent
+
+    # ---- FDM compatibility: FDM's sampling loop drives plans as iterators ------------------------
+    #
+    #     obs, latent = next(plan)      # lists for one video
+    #     plan.set_videos(videos)       # afterwards next() returns one list per video
+    #
+    # Both are thin wrappers of next_stage; new code calls next_stage(videos) instead.
+
+    def __iter__(self):
+        return self
+
+    def set_videos(self, videos):
+        """FDM: hand over the current samples; next() then returns one list per video."""
+        self._fdm_videos = videos
+
+    def __next__(self):
+        if self.adaptive and self._fdm_videos is None:
+            raise PlanError(f"{self.name} chooses frames from the videos, so call set_videos(videos) first.")
+        stage = self.next_stage(self._fdm_videos)
+        if stage is None:
+            raise StopIteration
+        if self._fdm_videos is None:
+            return stage.obs[0], stage.latent[0]
+        return stage.obs, stage.latent
 
 
 class Autoregressive(SamplingScheme):
@@ -296,33 +332,25 @@ class OptimalSchedule(Autoregressive):
     name = "optimal"
 
 
-def sliding_window_stages(T, n_obs, K, chunk):
-    """Diffusion Forcing's rollout: generate `chunk` frames at a time inside a window of K frames.
+class SlidingWindow(SamplingScheme):
+    """Diffusion Forcing's rollout: generate `step_size` frames at a time inside a window of K frames.
 
-    Each stage generates the next min(chunk, T - known) frames and observes the known frames just
+    Each stage generates the next min(step_size, T - known) frames and observes the known frames just
     before them so that the window holds K frames (as df_base.py's ``start_frame``); the last, shorter
     chunk therefore observes more frames. With n_obs = 0 the first chunk is generated unconditionally.
     """
-    validate_plan_args("sliding-window", T, n_obs, K, chunk)
-    return [_sliding_window_stage(known, T, K, chunk) for known in range(n_obs, T, chunk)]
-
-
-def _sliding_window_stage(known, T, K, chunk):
-    h = min(chunk, T - known)
-    return list(range(max(0, known + h - K), known)), list(range(known, known + h))
-
-
-class SlidingWindow(SamplingScheme):
-    """`sliding_window_stages` behind the scheme interface; step_size is the chunk size."""
 
     name = "sliding-window"
 
+    def _window(self, known):
+        new = min(self._step_size, self._video_length - known)
+        return list(range(max(0, known + new - self._max_frames), known)), list(range(known, known + new))
+
     def _unconditional_frames(self):
-        return _sliding_window_stage(0, self._video_length, self._max_frames, self._step_size)[1]
+        return self._window(0)[1]
 
     def next_indices(self):
-        known = max(self._done_frames) + 1
-        return _sliding_window_stage(known, self._video_length, self._max_frames, self._step_size)
+        return self._window(max(self._done_frames) + 1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -384,8 +412,8 @@ def _farthest_first(embs, n, forced):
 class _Adaptive:
     """Mixin for FDM's adaptive plans: observed frames chosen per video by embedding distance.
 
-    Call `set_videos(videos)` ([B x T x C x H x W], current samples) before every `next()`; it then
-    returns one obs list per video and B copies of the latent list, as FDM's AdaptiveSamplingSchemeBase.
+    `next_stage(videos)` needs the current samples [B x T x C x H x W]; its Stage holds one obs list
+    per video and B copies of the latent list, as FDM's AdaptiveSamplingSchemeBase returns them.
     Frames are embedded with LPIPS (AlexNet) like FDM when the optional `lpips` package and its
     weights load, otherwise with `pixel_embedding`; `embedding_name` says which. Pass `embedder`
     (frames [N x C x H x W] -> [N x D]) to use another embedding.
@@ -395,14 +423,13 @@ class _Adaptive:
     being silently ignored.
     """
 
+    adaptive = True
+
     def __init__(self, *args, embedder=None, **kwargs):
         super().__init__(*args, **kwargs)
-        self.videos = None
+        self.videos = None  # the videos of the stage being planned
         self._embedder = embedder
         self._embedding_name = None if embedder is None else "custom"
-
-    def set_videos(self, videos):
-        self.videos = videos
 
     @property
     def embedding_name(self):
@@ -440,25 +467,21 @@ class _Adaptive:
         forced = [position[i] for i in forced]
         return [[candidates[p] for p in _farthest_first(embs[b], n, forced)] for b in range(len(embs))]
 
-    def __next__(self):
-        if self.videos is None:
-            raise PlanError(f"{self.name} chooses frames from the videos, so call set_videos(videos) first.")
-        if self.is_done():
-            raise StopIteration
-        B = len(self.videos)
-        unconditional = self._num_obs == 0 and self._current_step == 0
-        if unconditional:
-            obs_lists, latent = [[] for _ in range(B)], self._unconditional_frames()
-        else:
-            obs_lists, latent = self.next_indices()
-        obs_lists, latent = self._finish_stage(obs_lists, latent, unconditional)
-        return obs_lists, [list(latent) for _ in range(B)]
+    def next_stage(self, videos=None):
+        if videos is None:
+            raise PlanError(f"{self.name} chooses observed frames from the videos, so next_stage needs them.")
+        self.videos = videos
+        return super().next_stage(videos)
+
+    def _observed_and_latent(self, videos, B):
+        return self.next_indices()
 
 
 class AdaptiveAutoregressive(_Adaptive, Autoregressive):
     """FDM's adaptive-autoreg: autoreg's latents; obs = newest frame, then the most dissimilar ones."""
 
     name = "adaptive-autoreg"
+    non_adaptive = "autoreg"
 
     def next_indices(self):
         start = max(self._done_frames) + 1
@@ -488,8 +511,10 @@ class AdaptiveHierarchy(_Adaptive, Hierarchy):
 
 def _with_levels(base, n):
     """A hierarchy class with N = n levels, named like its registry entry."""
-    name = f"{base.prefix}-{n}"
-    return type(f"{base.__name__}{n}", (base,), dict(name=name, levels=n))
+    attributes = dict(name=f"{base.prefix}-{n}", levels=n)
+    if base.adaptive:
+        attributes["non_adaptive"] = f"{Hierarchy.prefix}-{n}"
+    return type(f"{base.__name__}{n}", (base,), attributes)
 
 
 sampling_schemes = {
@@ -502,8 +527,8 @@ sampling_schemes = {
     "sliding-window": SlidingWindow,
 }
 
-ADAPTIVE_PLANS = ("adaptive-autoreg", "adaptive-hierarchy-2", "adaptive-hierarchy-3")
-HIERARCHY_PLANS = tuple(name for name in sampling_schemes if "hierarchy" in name)
+ADAPTIVE_PLANS = tuple(name for name, plan in sampling_schemes.items() if plan.adaptive)
+HIERARCHY_PLANS = tuple(name for name, plan in sampling_schemes.items() if issubclass(plan, Hierarchy))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -528,6 +553,8 @@ def validate_plan_args(name, T, n_obs, K, S, optimal_schedule_path=None):
         raise PlanError(f"T must be at least 1, got {T}.")
     if not 0 <= n_obs < T:
         raise PlanError(f"n_obs must be between 0 and T - 1 = {T - 1}, got {n_obs}.")
+    if K < 2:
+        raise PlanError(f"max_frames must be at least 2 (an observed and a new frame), got {K}.")
     if S < 1:
         raise PlanError(f"max_latent_frames must be at least 1, got {S}.")
     if S >= K:
@@ -545,67 +572,25 @@ def validate_plan_args(name, T, n_obs, K, S, optimal_schedule_path=None):
     if optimal_schedule_path is not None:
         if name in ADAPTIVE_PLANS:
             raise PlanError(f"{name} chooses its observed frames itself and cannot use an optimal schedule.")
-        if not os.path.isfile(os.fspath(optimal_schedule_path)):
-            raise PlanError(f"optimal schedule file {os.fspath(optimal_schedule_path)} does not exist.")
+        path = os.fspath(optimal_schedule_path)
+        if not os.path.isfile(path):
+            problem = "is not a file" if os.path.exists(path) else "does not exist"
+            raise PlanError(f"optimal schedule file {path} {problem}.")
 
 
 def plan_stages(name, T, n_obs, K, S, optimal_schedule_path=None):
-    """All stages of a non-adaptive plan as a list of (obs, latent) lists, in the plan's order."""
+    """All stages of a non-adaptive plan as a list of (obs, latent) lists for one video, in the plan's order.
+
+    Running a plan to the end is also how a plan is checked without a model: some fail only part-way.
+    """
     validate_plan_args(name, T, n_obs, K, S, optimal_schedule_path)
     if name in ADAPTIVE_PLANS:
-        raise PlanError(f"{name} chooses observed frames from the videos, so it has no plan without videos.")
-    scheme = sampling_schemes[name](
+        raise PlanError(f"{name} chooses observed frames from the videos, so it has no plan without videos; "
+                        f"{sampling_schemes[name].counterpart()} generates the same frames.")
+    plan = sampling_schemes[name](
         video_length=T, num_obs=n_obs, max_frames=K, step_size=S, optimal_schedule_path=optimal_schedule_path
     )
-    return list(scheme)
-
-
-# Registry names -> settings on the two axes (frame plan x within-stage noise schedule).
-# Every plan name is a preset with FDM's behaviour: full_sequence, no stabilization, no chunking.
-# chunk_size None means "the step size", which defaults to max_frames // 2 (FDM's default).
-# The two Diffusion Forcing presets roll out a sliding window of max_frames frames with stabilization:
-# - df-pyramid: max_frames // 2 new frames per stage, pyramid schedule with uncertainty_scale 1 (DF's
-#   default), stabilization_level 15 (DF's df_video setting: generated context frames are shown to the
-#   model noised to timestep 14 of the 1000-step training chain);
-# - stabilized-autoreg: one new frame per stage, all noise levels falling together, stabilization 15.
-# stabilization_level counts training-chain steps, as in Diffusion Forcing (see video_sampler.py).
-presets = {
-    name: dict(plan=name, noise_schedule="full_sequence", uncertainty_scale=1.0, stabilization_level=0,
-               chunk_size=None if name == "sliding-window" else 0)
-    for name in sampling_schemes
-}
-presets["df-pyramid"] = dict(
-    plan="sliding-window", noise_schedule="pyramid", uncertainty_scale=1.0, stabilization_level=15, chunk_size=None
-)
-presets["stabilized-autoreg"] = dict(
-    plan="sliding-window", noise_schedule="full_sequence", uncertainty_scale=1.0, stabilization_level=15, chunk_size=1
-)
-
-
-def resolve_scheme(name, max_frames, max_latent_frames=None, **overrides):
-    """Concrete settings for a registry name: its preset, with any non-None override applied.
-
-    Returns a dict with the preset keys plus `max_frames` and `step_size`. The step size is
-    `max_latent_frames`, or max_frames // 2 when that is None. A chunk_size > 0 turns autoreg into
-    `sliding-window` with that chunk as step size; for sliding-window without a chunk the chunk is
-    the step size.
-    """
-    if name not in presets:
-        raise PlanError(f"unknown sampling scheme {name!r}; valid names are {', '.join(presets)}.")
-    unknown = set(overrides) - set(presets[name])
-    if unknown:
-        raise TypeError(f"resolve_scheme got unknown settings {sorted(unknown)}")
-    config = dict(presets[name])
-    config.update({k: v for k, v in overrides.items() if v is not None})
-    step = max_frames // 2 if max_latent_frames is None else max_latent_frames
-    chunk = config["chunk_size"]
-    if chunk is not None and chunk < 0:
-        raise PlanError(f"chunk_size must be 0 (off) or positive, got {chunk}.")
-    if chunk:
-        if config["plan"] not in ("autoreg", "sliding-window"):
-            raise PlanError(f"chunk_size applies to autoreg and sliding-window plans only, not {config['plan']}.")
-        config["plan"], step = "sliding-window", chunk
-    elif config["plan"] == "sliding-window":
-        config["chunk_size"] = step
-    config.update(max_frames=max_frames, step_size=step)
-    return config
+    stages = []
+    while (stage := plan.next_stage()) is not None:
+        stages.append((stage.obs[0], stage.latent[0]))
+    return stages

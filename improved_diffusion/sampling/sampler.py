@@ -22,52 +22,16 @@ Randomness comes from one torch.Generator per video, used only for that video's 
 video's sample does not depend on which other videos share its batch (or rank).
 """
 
-import math
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from ..diffusion.gaussian_diffusion import model_output_tensor
-from .noise_schedules import levels_to_timesteps, noise_levels, noise_schedules
+from ..data.pixels import to_uint8
 from ..errors import ConfigError, ScheduleError
 from ..frame_batch import gather_frames
-
-
-@dataclass
-class StageSettings:
-    noise_schedule: str = "full_sequence"
-    uncertainty_scale: float = 1.0
-    sampling_steps: int = 0  # levels per schedule; 0: the diffusion's number of (respaced) steps
-    stabilization_level: int = 0  # 0: off; k: generated observed frames at timestep k - 1 of the training chain
-    use_ddim: bool = False
-    eta: float = 0.0
-    clip_denoised: bool = True
-
-
-def training_steps(diffusion):
-    """Length of the chain the model was trained on (before respacing)."""
-    return getattr(diffusion, "original_num_steps", diffusion.num_timesteps)
-
-
-def check_settings(settings, diffusion):
-    """Raise a one-sentence ConfigError for settings this diffusion cannot sample, before any model call."""
-    N = diffusion.num_timesteps
-    if settings.noise_schedule not in noise_schedules:
-        raise ConfigError(f"unknown noise schedule {settings.noise_schedule!r}; valid names are "
-                        f"{', '.join(noise_schedules)}.")
-    S = settings.sampling_steps or N
-    if not 1 <= S <= N:
-        raise ConfigError(f"sampling_steps must be between 1 and the diffusion's {N} (respaced) steps, got {S}.")
-    if S < N and not settings.use_ddim:
-        raise ConfigError(f"sampling_steps={S} skips some of the diffusion's {N} steps, which only DDIM can do; "
-                        "pass --use_ddim True, or --timestep_respacing instead of --sampling_steps.")
-    if not (math.isfinite(settings.uncertainty_scale) and settings.uncertainty_scale >= 0):
-        raise ConfigError(f"uncertainty_scale must be a finite number >= 0, got {settings.uncertainty_scale}.")
-    if not 0 <= settings.stabilization_level <= training_steps(diffusion):
-        raise ConfigError(f"stabilization_level must be between 0 (off) and the {training_steps(diffusion)} "
-                        f"training diffusion steps, got {settings.stabilization_level}.")
+from .noise_schedules import levels_to_timesteps, noise_levels
+from .scheme import Scheme, check_settings
 
 
 def stabilization_timestep(diffusion, level):
@@ -221,43 +185,35 @@ def one_video_at_a_time(model):
     return call
 
 
-def per_video_lists(indices, batch_size):
-    """Accept a plan's output for one video (list of ints) or per video (list of lists)."""
-    if len(indices) and isinstance(indices[0], (list, tuple, np.ndarray, torch.Tensor)):
-        return [list(map(int, i)) for i in indices]
-    return [list(map(int, indices)) for _ in range(batch_size)]
-
-
 def sample_video(model, diffusion, videos, n_obs, plan, settings, generators=None, progress=False, callback=None):
     """Fill frames n_obs.. of `videos` [B x T x C x H x W] stage by stage along `plan`; returns a new tensor.
 
-    `plan` is an iterable of (obs, latent) stages; plans that need the videos so far
-    (adaptive ones) expose `set_videos`, called before every stage. generators: one
-    torch.Generator per video (see `video_generator`), or None for torch's global one.
-    callback: see `sample_stage`; its dict also holds the stage number.
+    `plan` is a plan object (plans.py; `Scheme.make_plan()`), asked for each stage with the videos
+    so far. settings: StageSettings. generators: one torch.Generator per video (see
+    `video_generator`), or None for torch's global one. callback: see `sample_stage`; its dict
+    also holds the stage number.
     """
     check_settings(settings, diffusion)
     videos = videos.clone()
     B, T = videos.shape[:2]
     videos[:, n_obs:] = 0
     generated = torch.zeros(B, T, dtype=torch.bool)
-    iterator = iter(plan)
     bar = tqdm(desc="stages", disable=not progress, leave=False)
-    stage = 0
-    while True:
-        if hasattr(iterator, "set_videos"):
-            iterator.set_videos(videos)
-        try:
-            obs, latent = next(iterator)
-        except StopIteration:
-            break
-        stage_callback = None if callback is None else (lambda info, s=stage: callback({"stage": s, **info}))
-        sample_stage(model, diffusion, videos, per_video_lists(obs, B), per_video_lists(latent, B), settings,
-                     generated, generators, stage_callback)
-        stage += 1
+    stage_number = 0
+    while (stage := plan.next_stage(videos)) is not None:
+        stage_callback = None if callback is None else (lambda info, s=stage_number: callback({"stage": s, **info}))
+        sample_stage(model, diffusion, videos, stage.obs, stage.latent, settings, generated, generators,
+                     stage_callback)
+        stage_number += 1
         bar.update(1)
     bar.close()
     return videos
+
+
+def sample_with_scheme(model, diffusion, scheme, videos, generators=None, progress=False):
+    """`sample_video` along `scheme` (a Scheme): its plan, from its first n_obs frames, with its stage settings."""
+    return sample_video(model, diffusion, videos, scheme.n_obs, scheme.make_plan(), scheme.stage, generators,
+                        progress)
 
 
 def preview_rollout(model, diffusion, given, T, max_frames, seed=0):
@@ -266,13 +222,10 @@ def preview_rollout(model, diffusion, given, T, max_frames, seed=0):
     Uses DDIM over the diffusion's (respaced) steps and a fixed per-video generator, so previews of
     different steps differ only by the weights. Returns uint8 [T x C x H x W].
     """
-    from .plans import sampling_schemes
-
     n_obs = len(given)
+    scheme = Scheme.from_preset("autoreg", T=T, n_obs=n_obs, max_frames=max_frames,
+                                max_latent_frames=max_frames - n_obs, use_ddim=True)
     videos = torch.zeros(1, T, *given.shape[1:], device=given.device)
     videos[0, :n_obs] = given
-    plan = sampling_schemes["autoreg"](video_length=T, num_obs=n_obs, max_frames=max_frames,
-                                       step_size=max_frames - n_obs)
-    out = sample_video(model, diffusion, videos, n_obs, plan, StageSettings(use_ddim=True),
-                       generators=[video_generator(seed, 0, 0)])
-    return ((out[0].clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
+    out = sample_with_scheme(model, diffusion, scheme, videos, generators=[video_generator(seed, 0, 0)])
+    return to_uint8(out[0])

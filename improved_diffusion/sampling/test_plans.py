@@ -6,6 +6,7 @@ running this module; the failure cases and quirks come from ../shared/reference/
 """
 
 import json
+import os
 import sys
 import types
 
@@ -18,11 +19,9 @@ from improved_diffusion.sampling import plans as ss
 from improved_diffusion.sampling.plans import (
     ADAPTIVE_PLANS,
     PlanError,
+    Stage,
     plan_stages,
-    presets,
-    resolve_scheme,
     sampling_schemes,
-    sliding_window_stages,
     validate_plan_args,
 )
 
@@ -114,11 +113,10 @@ def test_long_range_quirk_with_one_conditioning_slot():
 
 
 def test_sliding_window():
-    assert sliding_window_stages(8, 2, 4, 2) == [([0, 1], [2, 3]), ([2, 3], [4, 5]), ([4, 5], [6, 7])]
+    assert plan_stages("sliding-window", 8, 2, 4, 2) == [([0, 1], [2, 3]), ([2, 3], [4, 5]), ([4, 5], [6, 7])]
     # The window holds K frames, so the shorter last chunk observes more.
-    assert sliding_window_stages(7, 2, 4, 2) == [([0, 1], [2, 3]), ([2, 3], [4, 5]), ([3, 4, 5], [6])]
-    assert sliding_window_stages(5, 0, 4, 2) == [([], [0, 1]), ([0, 1], [2, 3]), ([1, 2, 3], [4])]
-    assert plan_stages("sliding-window", 9, 1, 5, 3) == sliding_window_stages(9, 1, 5, 3)
+    assert plan_stages("sliding-window", 7, 2, 4, 2) == [([0, 1], [2, 3]), ([2, 3], [4, 5]), ([3, 4, 5], [6])]
+    assert plan_stages("sliding-window", 5, 0, 4, 2) == [([], [0, 1]), ([0, 1], [2, 3]), ([1, 2, 3], [4])]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -138,6 +136,8 @@ def test_sliding_window():
     (("autoreg", 10, 1, 4, 2, "/nonexistent/schedule.pt"), "does not exist"),
     (("adaptive-autoreg", 10, 1, 4, 2, __file__), "cannot use an optimal schedule"),
     (("autoreg", 10.0, 1, 4, 2), "T must be an integer"),
+    (("autoreg", 10, 1, 1, 2), "max_frames must be at least 2"),
+    (("autoreg", 10, 1, 4, 2, os.path.dirname(__file__)), "is not a file"),
 ])
 def test_validate_plan_args(args, message):
     with pytest.raises(PlanError, match=message) as info:
@@ -166,6 +166,28 @@ def test_fdm_interface_single_and_batch():
         next(scheme)
 
 
+def test_next_stage_returns_per_video_lists_and_none_at_the_end():
+    plan = sampling_schemes["autoreg"](video_length=6, num_obs=2, max_frames=4, step_size=2)
+    assert plan.next_stage() == Stage([[0, 1]], [[2, 3]])  # no videos: one video
+    assert plan.next_stage(torch.zeros(2, 6, 1, 2, 2)) == Stage([[2, 3]] * 2, [[4, 5]] * 2)
+    assert plan.next_stage() is None
+
+
+@pytest.mark.parametrize("name", ADAPTIVE_PLANS)
+def test_adaptive_plans_name_a_counterpart_with_the_same_latents(name):
+    counterpart = sampling_schemes[name].counterpart()
+    assert not sampling_schemes[counterpart].adaptive and sampling_schemes[name].adaptive
+    plan = sampling_schemes[name](video_length=20, num_obs=2, max_frames=6, step_size=3,
+                                  embedder=ss.pixel_embedding)
+    videos = _videos(2, 20)
+    latents = []
+    while (stage := plan.next_stage(videos)) is not None:
+        assert stage.latent[0] == stage.latent[1] and len(stage.obs) == 2
+        latents.append(stage.latent[0])
+    assert latents == [latent for _, latent in plan_stages(counterpart, 20, 2, 6, 3)]
+    assert sampling_schemes["hierarchy-3"].counterpart() == "hierarchy-3"
+
+
 def test_optimal_schedule_file_pt_and_json(tmp_path):
     schedule = {0: [0], 1: [0, 2], 2: [1, 3, 4]}  # stage -> observed frames, FDM's format
     pt, js = tmp_path / "optimal_schedule.pt", tmp_path / "schedule.json"
@@ -191,28 +213,6 @@ def test_optimal_schedule_errors(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------
-# Presets
-# ------------------------------------------------------------------------------------------------
-
-
-def test_presets_cover_every_plan_and_resolve():
-    assert set(sampling_schemes) < set(presets)
-    assert resolve_scheme("hierarchy-2", 20)["step_size"] == 10
-    df = resolve_scheme("df-pyramid", 16)
-    assert (df["plan"], df["noise_schedule"], df["chunk_size"], df["step_size"]) == ("sliding-window", "pyramid", 8, 8)
-    sa = resolve_scheme("stabilized-autoreg", 16, 5)
-    assert (sa["plan"], sa["noise_schedule"], sa["step_size"], sa["stabilization_level"]) == (
-        "sliding-window", "full_sequence", 1, 15)
-    chunked = resolve_scheme("autoreg", 16, chunk_size=3)
-    assert (chunked["plan"], chunked["step_size"]) == ("sliding-window", 3)
-    assert resolve_scheme("autoreg", 16, noise_schedule="pyramid")["noise_schedule"] == "pyramid"
-    with pytest.raises(PlanError, match="chunk_size applies"):
-        resolve_scheme("hierarchy-2", 16, chunk_size=2)
-    with pytest.raises(PlanError, match="valid names"):
-        resolve_scheme("nope", 16)
-
-
-# ------------------------------------------------------------------------------------------------
 # Adaptive plans
 # ------------------------------------------------------------------------------------------------
 
@@ -235,6 +235,8 @@ def test_adaptive_needs_videos():
     scheme = sampling_schemes["adaptive-hierarchy-2"](video_length=20, num_obs=2, max_frames=6, step_size=3)
     with pytest.raises(PlanError, match="set_videos"):
         next(scheme)
+    with pytest.raises(PlanError, match="needs them"):
+        scheme.next_stage()
 
 
 def test_adaptive_autoreg_picks_most_different_frames():
@@ -341,13 +343,9 @@ def test_adaptive_plan_invariants(name, args, seed):
     videos = _videos(2, T, seed)
     per_video = [[], []]
     try:
-        while True:
-            scheme.set_videos(videos)
-            obs, latent = next(scheme)
+        while (stage := scheme.next_stage(videos)) is not None:
             for b in range(2):
-                per_video[b].append((obs[b], latent[b]))
-    except StopIteration:
-        pass
+                per_video[b].append((stage.obs[b], stage.latent[b]))
     except PlanError:
         return
     for b in range(2):

@@ -10,13 +10,15 @@ import torch
 
 from improved_diffusion.sampling import noise_schedules as ns
 from improved_diffusion.sampling.noise_schedules import levels_to_timesteps
-from improved_diffusion.sampling.plans import plan_stages, resolve_scheme, sampling_schemes
+from improved_diffusion.sampling.plans import Stage, plan_stages, sampling_schemes
+from improved_diffusion.sampling.scheme import Scheme, StageSettings
 from improved_diffusion.script_util import DiffusionConfig, ModelConfig, UserError, create_diffusion, create_model
 from improved_diffusion.sampling.sampler import (
-    StageSettings,
     sample_stage,
     one_video_at_a_time,
+    preview_rollout,
     sample_video,
+    sample_with_scheme,
     stabilization_timestep,
     video_generator,
 )
@@ -34,6 +36,19 @@ def unet():
             if not p.any():
                 p.normal_(0, 0.05)
     return model.eval()
+
+
+class FixedPlan:
+    """A plan given as its list of (obs, latent) stages, the same for every video."""
+
+    def __init__(self, stages):
+        self.stages = list(stages)
+
+    def next_stage(self, videos):
+        if not self.stages:
+            return None
+        obs, latent = self.stages.pop(0)
+        return Stage([obs] * len(videos), [latent] * len(videos))
 
 
 class Spy:
@@ -177,7 +192,7 @@ def test_stabilization_shows_generated_frames_noisy_at_level_k():
     videos = random_videos(1, 6)
     spy = Spy()
     done_at_stage = []
-    plan = [([0, 1], [2, 3]), ([1, 2, 3], [4, 5])]
+    plan = FixedPlan([([0, 1], [2, 3]), ([1, 2, 3], [4, 5])])
     out = sample_video(spy, diffusion, videos, 2, plan, StageSettings(stabilization_level=k),
                        callback=lambda info: done_at_stage.append((info["stage"], info["x"].clone())))
     calls_0 = [c for c in spy.calls if c["frame_indices"][0, 0] == 0]
@@ -226,15 +241,11 @@ def test_stabilization_timestep_respaced():
 def test_stabilized_rollout_ten_times_the_window(unet):
     """Diffusion Forcing's stabilized sliding-window rollout to 10x the model's window stays sane."""
     K = 4
-    scheme = resolve_scheme("df-pyramid", K)
-    T, n_obs = 10 * K, K - scheme["step_size"]
-    plan = sampling_schemes[scheme["plan"]](video_length=T, num_obs=n_obs, max_frames=K,
-                                            step_size=scheme["step_size"])
-    settings = StageSettings(noise_schedule=scheme["noise_schedule"], uncertainty_scale=scheme["uncertainty_scale"],
-                             stabilization_level=scheme["stabilization_level"], use_ddim=True)
+    scheme = Scheme.from_preset("df-pyramid", T=10 * K, max_frames=K, use_ddim=True)
+    T, n_obs = scheme.T, scheme.n_obs
     videos = random_videos(1, T)
     widest = []
-    out = sample_video(unet, diffusion_with(respacing="3"), videos, n_obs, plan, settings,
+    out = sample_video(unet, diffusion_with(respacing="3"), videos, n_obs, scheme.make_plan(), scheme.stage,
                        generators=[video_generator(0, 0, 0)],
                        callback=lambda info: widest.append(info["x"].shape[1]))
     assert max(widest) == K
@@ -262,3 +273,32 @@ def test_batch_composition_does_not_change_a_video(unet):
 
     together = run([0, 1])
     assert torch.equal(together[1], run([1])[0])
+
+
+def test_scheme_sampling_equals_driving_the_stage_sampler_by_hand(unet):
+    """sample_with_scheme (what sample_dataset and previews run) equals sample_stage called stage by stage."""
+    diffusion = diffusion_with(respacing="3")
+    scheme = Scheme.from_preset("hierarchy-2", T=8, max_frames=4, noise_schedule="pyramid", stabilization_level=5)
+    videos = random_videos(2, 8)
+    got = sample_with_scheme(unet, diffusion, scheme, videos, [video_generator(7, 0, i) for i in range(2)])
+
+    expected = videos.clone()
+    expected[:, scheme.n_obs:] = 0
+    generated = torch.zeros(2, 8, dtype=torch.bool)
+    generators = [video_generator(7, 0, i) for i in range(2)]
+    for obs, latent in plan_stages("hierarchy-2", 8, scheme.n_obs, 4, scheme.step_size):
+        sample_stage(unet, diffusion, expected, [obs] * 2, [latent] * 2, scheme.stage, generated, generators)
+    assert torch.equal(got, expected)
+
+
+def test_preview_rollout_is_autoreg_with_ddim_from_the_given_frames(unet):
+    diffusion = diffusion_with(respacing="3")
+    given = random_videos(1, 2)[0]
+    preview = preview_rollout(unet, diffusion, given, T=8, max_frames=4, seed=3)
+    videos = torch.zeros(1, 8, C, H, H)
+    videos[0, :2] = given
+    plan = sampling_schemes["autoreg"](video_length=8, num_obs=2, max_frames=4, step_size=2)
+    out = sample_video(unet, diffusion, videos, 2, plan, StageSettings(use_ddim=True),
+                       generators=[video_generator(3, 0, 0)])
+    assert preview.dtype == torch.uint8 and preview.shape == (8, C, H, H)
+    assert torch.equal(preview, ((out[0].clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8))

@@ -1,0 +1,84 @@
+"""Compare sampling schemes on one checkpoint: what scripts/compare_schemes.py runs.
+
+Every scheme samples test videos 0..n_videos-1 with `sample_dataset` into <out_dir>/<scheme>/
+(existing samples are kept, so an interrupted comparison resumes), is scored as by video_eval.py,
+and report.md / report.html are written (report.py). Every scheme gets the same n_obs (default
+max_frames - max_latent_frames), so all are conditioned on the same frames. All settings, and
+every scheme, are checked before anything is sampled.
+"""
+
+import os
+
+import torch.distributed as dist
+
+from .. import dist_util
+from ..checkpoints import read_model_checkpoint
+from ..data.datasets import get_dataset
+from ..errors import ConfigError, UserError
+from ..sampling.run import DEFAULT, check_folder, default_eval_dir, sample_dataset, scheme_for_checkpoint, size_flag
+from .evaluate import parse_metrics
+from .report import check_settings_file, evaluate_schemes, load_runs, parse_schemes, sample_schemes, write_report
+
+DEFAULT_SCHEMES = "autoreg,long-range,hierarchy-2,df-pyramid"
+
+
+def compare_schemes(checkpoint_path, schemes=DEFAULT_SCHEMES, *, n_videos=8, T=DEFAULT, n_obs=DEFAULT,
+                    max_frames=DEFAULT, max_latent_frames=DEFAULT, timestep_respacing="", use_ddim=False,
+                    batch_size=8, seed=0, metrics="", i3d_path=None, out_dir=None):
+    """Sample, score and report each scheme of the comma-separated `schemes`; returns (report.md, report.html).
+
+    Under MPI every rank calls this and samples its share; rank 0 scores and writes the report
+    (other ranks return None).
+    """
+    had_process_group = dist.is_initialized()
+
+    # ---- every setting is checked before anything is sampled
+    names = parse_schemes(schemes)
+    for flag, value in (("n_videos", n_videos), ("batch_size", batch_size)):
+        if value < 1:
+            raise ConfigError(f"--{flag} must be at least 1, got {value}.")
+    if seed < 0:
+        raise ConfigError(f"--seed must be at least 0, got {seed}.")
+    config = dict(read_model_checkpoint(checkpoint_path)["config"])
+    K = size_flag("max_frames", max_frames, int(config.get("max_frames") or 20))
+    S = size_flag("max_latent_frames", max_latent_frames, None)
+    n_obs = size_flag("n_obs", n_obs, K - (S or K // 2), minimum=0)
+    scheme_args = dict(T=T, n_obs=n_obs, max_frames=max_frames, max_latent_frames=max_latent_frames,
+                       timestep_respacing=timestep_respacing, use_ddim=use_ddim)
+    for name in names:
+        try:
+            scheme = scheme_for_checkpoint(config, name, **scheme_args)
+        except UserError as e:
+            raise type(e)(f"Scheme {name}: {e}") from None
+    dataset = config.get("dataset") or "bouncing_balls"
+    n_test = len(get_dataset(dataset, split="test", T=max(n_obs, 1), image_size=int(config["image_size"])))
+    if n_videos > n_test:
+        raise ConfigError(f"--n_videos {n_videos} exceeds the {n_test} test videos of {dataset}.")
+    metric_names = parse_metrics(metrics, config.get("dataset"), have_i3d=bool(i3d_path))
+    if "fvd" in metric_names and n_videos < 2:
+        raise ConfigError(f"FVD needs at least 2 videos; pass --n_videos 2 or more (got {n_videos}).")
+    if i3d_path is not None and not os.path.isfile(i3d_path):
+        raise ConfigError(f"--i3d_path {i3d_path} is not a file.")
+    out_dir = out_dir or default_eval_dir(checkpoint_path, config, "compare_schemes")
+    check_folder("out_dir", out_dir)
+    settings = dict(checkpoint=os.path.abspath(checkpoint_path), T=scheme.T,  # every scheme has the same T n_obs=n_obs, max_frames=K,
+                    max_latent_frames=S, timestep_respacing=timestep_respacing, use_ddim=use_ddim, seed=seed)
+    rank, _ = dist_util.setup_dist()
+    check_settings_file(out_dir, settings, write=rank == 0)
+
+    # ---- sample every scheme (each rank its share of the videos)
+    def sample(name, eval_dir):
+        sample_dataset(checkpoint_path, name, eval_dir=eval_dir, stop_index=n_videos, batch_size=batch_size,
+                       seed=seed, **scheme_args)
+
+    sample_schemes(names, sample, out_dir, n_videos)
+
+    # ---- score and report (rank 0)
+    paths = None
+    if rank == 0:
+        results = evaluate_schemes(names, out_dir, metric_names, i3d_path, n_videos)
+        paths = write_report(out_dir, names, results, load_runs(out_dir), settings)
+    if dist.is_initialized() and not had_process_group:  # gloo may abort at exit if its group is left open
+        dist_util.barrier()
+        dist.destroy_process_group()
+    return paths

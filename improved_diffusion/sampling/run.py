@@ -1,0 +1,173 @@
+"""Sampling the test videos of a dataset with a Scheme: what scripts/video_sample.py runs.
+
+    eval_dir = sample_dataset("checkpoints/<run>/ema_0.9999_010000.pt", "hierarchy-2", T=64, stop_index=2)
+
+Conditions on the first n_obs frames of test videos and generates the rest stage by stage.
+Writes <eval_dir>/sampling_config.json (the run's checkpoint, dataset and seed plus the Scheme's
+JSON) and <eval_dir>/samples/sample_<index:04d>-<sample_idx>.npy (uint8 T x C x H x W), skipping
+samples that already exist. A video's sample depends only on (seed, sample_idx, video index), so
+under `mpiexec -n N` (videos split across ranks) or with another batch size the files are the same.
+
+Every flag is checked, and the scheme validated, before the model is loaded: a problem the user
+can fix raises a one-sentence UserError. Size flags take -1 for "the default" (the checkpoint's
+value), as FDM's scripts do; other values must be in range.
+"""
+
+import os
+import sys
+
+import numpy as np
+import torch
+
+from .. import dist_util
+from ..checkpoints import load_checkpoint, read_model_checkpoint
+from ..cli import dataclass_from_dict
+from ..data.datasets import get_dataset
+from ..data.pixels import to_uint8
+from ..diffusion import DiffusionConfig
+from ..errors import ConfigError
+from ..results import sample_path, write_sampling_config
+from .plan_picture import draw_plan
+from .sampler import one_video_at_a_time, sample_with_scheme, video_generator
+from .scheme import Scheme
+
+DEFAULT = -1  # a size flag's "use the default"
+
+
+def size_flag(flag, value, default, minimum=1):
+    """`value`, or `default` when it is -1 or None; anything else below `minimum` is a ConfigError."""
+    if value is None or value == DEFAULT:
+        return default
+    if value < minimum:
+        raise ConfigError(f"--{flag} must be at least {minimum} (or -1 for the default), got {value}.")
+    return value
+
+
+def scheme_for_checkpoint(config, sampling_scheme, *, T=DEFAULT, n_obs=DEFAULT, max_frames=DEFAULT,
+                          max_latent_frames=DEFAULT, **settings):
+    """The validated Scheme for a checkpoint's flat `config`: -1 sizes take the checkpoint's values.
+
+    `settings`: the other keyword arguments of `Scheme.from_preset` (noise schedule, DDIM, ...).
+    max_frames may not exceed the checkpoint's: the model never saw more frames at once.
+    """
+    trained_K = config.get("max_frames")
+    K = size_flag("max_frames", max_frames, int(trained_K or 20))
+    if trained_K and K > int(trained_K):
+        raise ConfigError(f"--max_frames {K} exceeds the {trained_K} frames the checkpoint was trained with.")
+    T = size_flag("T", T, int(config.get("T") or DEFAULT))
+    if T == DEFAULT:
+        raise ConfigError("the checkpoint does not record a video length; pass --T.")
+    return Scheme.from_preset(
+        sampling_scheme, T=T, max_frames=K, n_obs=size_flag("n_obs", n_obs, None, minimum=0),
+        max_latent_frames=size_flag("max_latent_frames", max_latent_frames, None),
+        diffusion_config=dataclass_from_dict(DiffusionConfig, config), **settings)
+
+
+def default_eval_dir(checkpoint_path, config, folder):
+    """results/<run id>/<checkpoint name>/<folder>."""
+    run = config.get("wandb_id") or config.get("resume_id") or "run"
+    ckpt = os.path.splitext(os.path.basename(str(checkpoint_path)))[0]
+    return os.path.join("results", str(run), ckpt, folder)
+
+
+def check_folder(flag, path):
+    """A folder flag must not name an existing file."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ConfigError(f"--{flag} {path} is a file, not a folder.")
+
+
+def check_device(device):
+    """torch.device(device), or a ConfigError when it is malformed or not on this machine."""
+    if device is None:
+        return dist_util.dev()
+    try:
+        device = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"--device {device!r} is not a device name such as cpu or cuda:0.") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {device} asks for a GPU, but torch sees none on this machine.")
+    return device
+
+
+def sample_dataset(checkpoint_path, sampling_scheme="autoreg", *, T=DEFAULT, n_obs=DEFAULT, max_frames=DEFAULT,
+                   max_latent_frames=DEFAULT, noise_schedule=None, uncertainty_scale=None, stabilization_level=None,
+                   chunk_size=None, sampling_steps=0, optimality=None, timestep_respacing="", use_ddim=False,
+                   eta=0.0, clip_denoised=True, dataset=None, eval_dir=None, start_index=0, stop_index=DEFAULT,
+                   sample_idx=0, batch_size=8, batch_invariant=True, seed=0, device=None, just_visualise=False):
+    """Sample test videos start_index..stop_index-1 (-1: all) with a scheme; returns the eval dir.
+
+    The scheme is the preset `sampling_scheme` with the given overrides (see `Scheme.from_preset`).
+    batch_invariant: call the model per video so samples are bit-identical for any batch size or
+    rank count. just_visualise: only draw the plan as <eval_dir>/plan.png and return that path.
+    """
+    # ---- every setting is checked before the model is loaded
+    for flag, value, minimum in (("batch_size", batch_size, 1), ("start_index", start_index, 0),
+                                 ("sample_idx", sample_idx, 0), ("seed", seed, 0)):
+        if value < minimum:
+            raise ConfigError(f"--{flag} must be at least {minimum}, got {value}.")
+    if stop_index != DEFAULT and stop_index <= start_index:
+        raise ConfigError(f"--stop_index {stop_index} must be larger than --start_index {start_index} "
+                          "(or -1 for every test video).")
+    checkpoint = read_model_checkpoint(checkpoint_path)  # read once: config now, weights later
+    config = dict(checkpoint["config"])
+    scheme = scheme_for_checkpoint(
+        config, sampling_scheme, T=T, n_obs=n_obs, max_frames=max_frames, max_latent_frames=max_latent_frames,
+        noise_schedule=noise_schedule, uncertainty_scale=uncertainty_scale, stabilization_level=stabilization_level,
+        chunk_size=chunk_size, optimality=optimality, sampling_steps=sampling_steps, use_ddim=use_ddim, eta=eta,
+        clip_denoised=clip_denoised, timestep_respacing=timestep_respacing)
+    eval_dir = str(eval_dir or default_eval_dir(checkpoint_path, config, scheme.folder_name()))
+    check_folder("eval_dir", eval_dir)
+
+    if just_visualise:
+        if scheme.adaptive:
+            raise ConfigError(f"{scheme.plan} chooses its observed frames from the videos, so its plan cannot be "
+                              "drawn without sampling; draw its non-adaptive counterpart instead.")
+        os.makedirs(eval_dir, exist_ok=True)
+        path = os.path.join(eval_dir, "plan.png")
+        draw_plan(scheme.stages(), scheme.T, path)
+        return path
+
+    dataset_name = dataset or config.get("dataset") or "bouncing_balls"
+    image_size = int(config["image_size"])
+    data = get_dataset(dataset_name, split="test", T=max(scheme.n_obs, 1), image_size=image_size)
+    if start_index >= len(data):
+        raise ConfigError(f"--start_index {start_index} is past the last of the {len(data)} test videos of "
+                          f"{dataset_name}.")
+    device = check_device(device)
+
+    # ---- this rank's videos
+    rank, world_size = dist_util.setup_dist()
+    stop = len(data) if stop_index == DEFAULT else min(stop_index, len(data))
+    indices = list(range(start_index, stop))
+    slurm_task = os.environ.get("SLURM_ARRAY_TASK_ID")
+    if slurm_task is not None and stop_index == DEFAULT:  # FDM: without --stop_index, one array task per batch
+        indices = indices[int(slurm_task) * batch_size: (int(slurm_task) + 1) * batch_size]
+    indices = indices[rank::world_size]  # under mpiexec each rank samples (and writes) its share
+    if rank == 0:
+        write_sampling_config(eval_dir, {"checkpoint": str(checkpoint_path), "dataset": dataset_name,
+                                         "image_size": image_size, "seed": seed, "data_seed": 0,
+                                         **scheme.to_dict()})
+    todo = [i for i in indices if not os.path.exists(sample_path(eval_dir, i, sample_idx))]
+    print(f"rank {rank}: {len(todo)} of {len(indices)} videos to sample into {os.path.join(eval_dir, 'samples')}",
+          file=sys.stderr)
+    if not todo:
+        return eval_dir
+
+    # ---- the model, then one batch at a time; each video draws its noise from its own generator
+    model, diffusion, _ = load_checkpoint(checkpoint_path, scheme.timestep_respacing, device=device, data=checkpoint)
+    if batch_invariant:
+        model = one_video_at_a_time(model)
+    os.makedirs(os.path.join(eval_dir, "samples"), exist_ok=True)
+    for start in range(0, len(todo), batch_size):
+        batch_idx = todo[start: start + batch_size]
+        videos = torch.zeros(len(batch_idx), scheme.T, 3, image_size, image_size)
+        for j, i in enumerate(batch_idx):
+            videos[j, :scheme.n_obs] = data.video(i)[:scheme.n_obs]
+        generators = [video_generator(seed, sample_idx, i) for i in batch_idx]
+        out = sample_with_scheme(model, diffusion, scheme, videos.to(device), generators, progress=rank == 0)
+        frames = to_uint8(out).numpy()
+        for j, i in enumerate(batch_idx):
+            path = sample_path(eval_dir, i, sample_idx)
+            np.save(path + ".tmp.npy", frames[j])
+            os.replace(path + ".tmp.npy", path)
+    return eval_dir
