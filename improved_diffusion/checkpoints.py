@@ -25,11 +25,26 @@ def read_checkpoint_file(path):
     try:
         with bf.BlobFile(path, "rb") as f:
             data = f.read()
+    except OSError as e:
+        raise CheckpointError(f"Checkpoint '{path}' could not be read ({e.strerror or type(e).__name__}).") from None
+    if not data:
+        raise CheckpointError(f"Checkpoint '{path}' is empty.")
+    try:
         return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unreadable file is the user's to fix
-        # torch.load's own explanations run to paragraphs; the first line names the problem.
-        first = (str(e).strip().splitlines() or [""])[0]
-        raise CheckpointError(f"Checkpoint '{path}' could not be read ({type(e).__name__}: {first}).") from None
+        if "Unsupported global" in str(e):  # a pickle that names functions or classes to call
+            raise CheckpointError(f"Checkpoint '{path}' holds Python objects that loading would have to run, "
+                                  "so it is refused: a checkpoint may hold only tensors and plain data.") from None
+        raise CheckpointError(f"Checkpoint '{path}' is corrupt or not a checkpoint ({first_sentence(e)}).") from None
+
+
+def first_sentence(error):
+    """The first sentence of an exception's message: torch.load's explanations run to paragraphs."""
+    text = " ".join(str(error).split())
+    if not text:
+        return type(error).__name__
+    end = text.find(". ")
+    return text if end < 0 else text[:end]
 
 
 def read_model_checkpoint(path):

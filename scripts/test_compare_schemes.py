@@ -2,7 +2,6 @@
 images, the recorded cost, resuming, one-line errors, and sharing the work between MPI ranks."""
 
 import dataclasses
-import importlib.util
 import json
 import os
 import re
@@ -15,6 +14,8 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import load_script
+
 from improved_diffusion import cli
 from improved_diffusion.sampling.noise_schedules import noise_levels
 from improved_diffusion.sampling.scheme import Scheme
@@ -24,13 +25,6 @@ SCRIPTS = Path(__file__).resolve().parent
 MPIEXEC = Path(sys.executable).parent / "mpiexec"
 SCHEMES = ["autoreg", "df-pyramid"]
 ARGS = ["--schemes", ",".join(SCHEMES), "--n_videos", "2", "--T", "8", "--timestep_respacing", "4"]
-
-
-def load_script(name):
-    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 compare_schemes = load_script("compare_schemes")

@@ -117,7 +117,7 @@ CASES = [
     ("carla_regressor_train", "--data_dir {carla_empty} --kind regressor --out {missing}/r.pt --epochs 0",
      "--epochs"),
     ("carla_regressor_train", "--data_dir {carla_empty} --kind regressor --out {missing}/r.pt --init_from {corrupt}",
-     "--init_from: Checkpoint '{corrupt}' could not be read"),
+     "--init_from: Checkpoint '{corrupt}' is corrupt or not a checkpoint"),
     ("carla_regressor_train", "--data_dir {carla_empty} --kind regressor --out {carla_empty}", "--out {carla_empty}"),
     ("train_carla_regressor", "--data_dir {missing} --kind classifier --out {missing}/c.pt", "{missing} does not exist"),
 ]

@@ -8,15 +8,14 @@ checkpoint serves the whole module.
 """
 
 import dataclasses
-import importlib.util
 import os
-import signal
 from pathlib import Path
 
 import pytest
 import torch
 
-from improved_diffusion import cli
+from conftest import load_script, run_in_process
+
 from improved_diffusion.evaluation import compare
 from improved_diffusion.sampling import run as sampling_run
 from improved_diffusion.script_util import DiffusionConfig, ModelConfig, create_model
@@ -24,13 +23,6 @@ from improved_diffusion.script_util import DiffusionConfig, ModelConfig, create_
 SCRIPTS = Path(__file__).resolve().parent
 T, K, STEPS = 12, 6, 100  # the checkpoint's video length, max_frames and diffusion steps
 SECONDS = 20  # far more than any case needs; a case that takes longer hangs
-
-
-def load_script(name):
-    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 video_sample, compare_schemes, video_schedule = map(load_script, ["video_sample", "compare_schemes",
@@ -72,26 +64,10 @@ def nothing_expensive(monkeypatch):
     monkeypatch.setattr(compare, "sample_schemes", refuse)
 
 
-class Hang(BaseException):
-    """Raised by the alarm; a BaseException so that cli.run does not turn it into an exit code."""
-
-
 def run_case(capsys, script, argv):
     """(exit code, stderr) of `script` on argv, failing if it runs past SECONDS."""
-
-    def alarm(signum, frame):
-        raise Hang(f"{script.__name__} {argv} ran for more than {SECONDS} s")
-
-    previous = signal.signal(signal.SIGALRM, alarm)
-    signal.alarm(SECONDS)
-    try:
-        code = cli.run(script.main, script.create_argparser(), [str(a) for a in argv])
-    except SystemExit as e:  # argparse's own errors
-        code = e.code
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
-    return code, capsys.readouterr().err
+    code, _, err = run_in_process(capsys, script.__name__, *argv, seconds=SECONDS)
+    return code, err
 
 
 FILE = "{dir}/"  # prefix of a file in the files fixture

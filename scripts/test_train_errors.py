@@ -5,9 +5,7 @@ alarm so a hang fails instead of blocking the suite. Then: a truncated newest ch
 does not block a resume.
 """
 
-import importlib.util
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -16,33 +14,12 @@ import numpy as np
 import pytest
 import torch
 
-from improved_diffusion import cli
 from improved_diffusion.models import ModelConfig, create_model
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--dataset", "bouncing_balls", "--image_size", "16", "--num_channels", "32", "--num_res_blocks", "1",
         "--channel_mult", "1,2", "--attention_resolutions", "8", "--num_heads", "2", "--T", "10",
         "--max_frames", "4", "--diffusion_steps", "50", "--num_workers", "0", "--sample_interval", "0"]
-
-
-def video_train_module():
-    spec = importlib.util.spec_from_file_location("video_train", ROOT / "scripts" / "video_train.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-@pytest.fixture
-def alarm():
-    """Fail a test that runs longer than 30 s (a hang) instead of waiting forever."""
-    def timeout(signum, frame):
-        raise TimeoutError("video_train.py did not stop within 30 s")
-
-    previous = signal.signal(signal.SIGALRM, timeout)
-    signal.alarm(30)
-    yield
-    signal.alarm(0)
-    signal.signal(signal.SIGALRM, previous)
 
 
 def files(tmp_path, extra):
@@ -128,17 +105,13 @@ BAD = [
 
 
 @pytest.mark.parametrize("extra, expected", BAD, ids=[" ".join(extra) for extra, _ in BAD])
-def test_bad_input_is_one_sentence_and_exit_2(extra, expected, tmp_path, monkeypatch, capsys, alarm):
+def test_bad_input_is_one_sentence_and_exit_2(extra, expected, tmp_path, monkeypatch, run_script):
     monkeypatch.setenv("WANDB_MODE", "disabled")
     monkeypatch.chdir(tmp_path)
     paths = files(tmp_path, extra)
     argv = TINY + ["--max_steps", "1"] + [a.format(**paths) for a in extra]
-    module = video_train_module()
-    try:
-        code = cli.run(module.main, module.create_argparser(), argv)
-    except SystemExit as e:  # argparse's own errors (types, choices)
-        code = e.code
-    err = capsys.readouterr().err.strip().splitlines()
+    code, _, err = run_script("video_train", *argv, seconds=30)
+    err = err.strip().splitlines()
     assert code == 2, err
     assert len(err) == 1 and err[0].startswith("video_train.py: error: "), err
     assert expected.format(**paths) in err[0]

@@ -4,7 +4,6 @@ across batch splits, --just_visualise, and one-line errors (scripts/test_samplin
 full table of bad flags and paths)."""
 
 import dataclasses
-import importlib.util
 import json
 import os
 import subprocess
@@ -16,6 +15,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from conftest import load_script
+
 from improved_diffusion import cli
 from improved_diffusion.checkpoints import load_checkpoint
 from improved_diffusion.data.datasets import get_dataset
@@ -25,13 +26,6 @@ from improved_diffusion.sampling.scheme import PRESETS, Scheme
 from improved_diffusion.script_util import DiffusionConfig, ModelConfig, create_model
 
 SCRIPTS = Path(__file__).resolve().parent
-
-
-def load_script(name):
-    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 video_sample = load_script("video_sample")
@@ -211,7 +205,7 @@ def test_wrong_files_fail_in_one_line(capsys, tmp_path):
     torch.save(torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=0.1).state_dict(), tmp_path / "opt000010.pt")
     (tmp_path / "notes.pt").write_text("not a checkpoint")
     for path, message in [(tmp_path / "missing.pt", "does not exist"), (tmp_path / "opt000010.pt", "optimizer state"),
-                          (tmp_path / "notes.pt", "could not be read")]:
+                          (tmp_path / "notes.pt", "is corrupt or not a checkpoint")]:
         code, _, err = run(capsys, path)
         assert code == 2 and message in err and err.count("\n") == 1, err
 

@@ -1,6 +1,5 @@
 """Tests for scripts/video_schedule.py: output formats, presets, and one-line errors with exit code 2."""
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -9,14 +8,14 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from conftest import load_script
+
 from improved_diffusion import cli
 from improved_diffusion.sampling.plan_picture import COLOURS, plan_image
 from improved_diffusion.sampling.scheme import Scheme
 
 SCRIPT = Path(__file__).resolve().parent / "video_schedule.py"
-_spec = importlib.util.spec_from_file_location("video_schedule", SCRIPT)
-video_schedule = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(video_schedule)
+video_schedule = load_script("video_schedule")
 
 
 def run(capsys, *argv):

@@ -98,7 +98,7 @@ def test_checkpoints_round_trip_and_errors(tmp_path):
     with pytest.raises(CheckpointError, match="does not hold weights for a regressor"):
         cc.load_model(tmp_path / "bare.pth", "regressor", config=cc.CoordinateModelConfig(layers=(1, 1, 1, 1)))
     (tmp_path / "corrupt.pt").write_bytes(b"garbage")
-    with pytest.raises(CheckpointError, match="could not be read"):
+    with pytest.raises(CheckpointError, match="is corrupt or not a checkpoint"):
         cc.load_model(tmp_path / "corrupt.pt", "classifier")
     with pytest.raises(CheckpointError, match="does not exist"):
         cc.load_model(tmp_path / "missing.pt", "classifier")

@@ -260,7 +260,7 @@ def test_loading_the_wrong_kind_of_file_is_a_clear_error(tmp_path):
         load_checkpoint(tmp_path / "missing.pt")
     junk = tmp_path / "junk.pt"
     junk.write_bytes(b"not a zip file")
-    with pytest.raises(CheckpointError, match="could not be read"):
+    with pytest.raises(CheckpointError, match="is corrupt or not a checkpoint"):
         load_checkpoint(junk)
 
 
