@@ -111,6 +111,13 @@ CASES = [
     ("video_to_world_coords", "--eval_dir {ok} --classifier_path {corrupt} --regressor_path {corrupt} "
      "--device warp-drive", "--device"),
     ("video_to_world_coords", "--eval_dir {ok} --regressor_path {corrupt}", "--classifier_path"),
+    ("video_to_world_coords", "--classifier_path {corrupt} --regressor_path {corrupt}", "--dataset_dir"),
+    ("video_to_world_coords", "--eval_dir {ok} --dataset_dir {ok} --classifier_path {corrupt} "
+     "--regressor_path {corrupt}", "--dataset_dir"),
+    ("video_to_world_coords", "--dataset_dir {missing} --classifier_path {corrupt} --regressor_path {corrupt}",
+     "--dataset_dir"),
+    ("carla_regressor_train", "--data_dir {carla_empty} --kind regressor --is_classifier True --out {missing}/r.pt",
+     "--is_classifier"),
     ("carla_regressor_train", "--data_dir {missing} --kind classifier --out {missing}/c.pt", "{missing} does not exist"),
     ("carla_regressor_train", "--data_dir {carla_empty} --kind regressor --out {missing}/r.pt", "video_train.csv"),
     ("carla_regressor_train", "--data_dir {carla_empty} --kind detector --out {missing}/r.pt", "--kind"),

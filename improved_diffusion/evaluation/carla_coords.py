@@ -286,22 +286,51 @@ def write_world_coords(eval_dir, classifier_path, regressor_path, batch_size=8, 
     """Regress every sample of a results folder to (x, y) per frame, saved as float64 [T x 2] `.npy`
     files under `<eval_dir>/coords/` (FDM's layout). Files already there are kept, so an
     interrupted run resumes. Returns the paths of the coordinate files."""
+    _check_coords_args(batch_size, device)
+    jobs = [(coords_path(sample), lambda sample=sample: read_sample(sample, channels=3))
+            for sample, _, _ in find_samples(eval_dir)]
+    return _write_coords(jobs, classifier_path, regressor_path, batch_size, device, Path(eval_dir) / COORDS_DIR, log)
+
+
+def write_dataset_world_coords(dataset_dir, classifier_path, regressor_path, batch_size=8, device="cpu",
+                               results_root="results", log=print):
+    """FDM's `--dataset_dir` mode: the coordinates the networks give for every `video_*.pt` of a CARLA
+    folder, as `<results_root>/<dataset_dir>/coords/<video name>.npy` (where FDM writes them), so
+    the networks' error on real videos can be measured. Existing files are kept."""
+    _check_coords_args(batch_size, device)
+    folder = Path(dataset_dir)
+    if folder.is_absolute() or ".." in folder.parts:
+        raise ConfigError(f"--dataset_dir {dataset_dir} must be a relative path inside this folder (no '..'): "
+                          "its coordinates go to results/<dataset_dir>/coords.")
+    if not folder.is_dir():
+        raise DatasetError(f"--dataset_dir {dataset_dir} is not a folder.")
+    videos = sorted(folder.glob("video_*.pt"))
+    if not videos:
+        raise DatasetError(f"--dataset_dir {dataset_dir} holds no video_*.pt files.")
+    out_dir = Path(results_root) / folder / COORDS_DIR
+    jobs = [(out_dir / f"{video.stem}.npy", lambda video=video: load_video(video)) for video in videos]
+    return _write_coords(jobs, classifier_path, regressor_path, batch_size, device, out_dir, log)
+
+
+def _check_coords_args(batch_size, device):
     if batch_size < 1:
         raise ConfigError(f"--batch_size must be at least 1, got {batch_size}.")
     check_device(device)
-    found = find_samples(eval_dir)
+
+
+def _write_coords(jobs, classifier_path, regressor_path, batch_size, device, out_dir, log):
+    """Run the networks on each (target path, video reader) whose target does not exist yet."""
     classifier, regressor = load_models(classifier_path, regressor_path, device)
     written = []
-    for sample, _, _ in tqdm(found, desc="world coordinates"):
-        target = coords_path(sample)
+    for target, read_video in tqdm(jobs, desc="world coordinates"):
         if not target.exists():
-            coords = predict_coords(read_sample(sample, channels=3), classifier, regressor, batch_size)
-            target.parent.mkdir(exist_ok=True)
+            coords = predict_coords(read_video(), classifier, regressor, batch_size)
+            target.parent.mkdir(parents=True, exist_ok=True)
             part = target.with_name(target.name + ".part.npy")
             np.save(part, coords)
             part.replace(target)
         written.append(target)
-    log(f"Wrote the coordinates of {len(written)} samples to {Path(eval_dir) / COORDS_DIR}.")
+    log(f"Wrote the coordinates of {len(written)} videos to {out_dir}.")
     return written
 
 

@@ -180,6 +180,22 @@ def test_script_trains_and_writes_checkpoint(tmp_path):
     assert out.with_suffix(".history.json").exists()
 
 
+def test_script_takes_fdms_command_line(tmp_path, monkeypatch):
+    """FDM's `carla_regressor_train.py --data_dir D --is_classifier True --num_epochs N` trains a classifier
+    into FDM's released file name."""
+    make_carla_dir(tmp_path / "carla")
+    monkeypatch.chdir(tmp_path)
+    spec = importlib.util.spec_from_file_location("carla_regressor_train", SCRIPT)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    args = script.create_argparser().parse_args(["--data_dir", "carla", "--is_classifier", "True", "--num_epochs",
+                                                 "1", "--layers", "1", "1", "1", "1", "--width", "4", "--device",
+                                                 "cpu"])
+    script.main(args)
+    model = cc.load_model(tmp_path / "checkpoints" / "carla-regressor" / "classifier_checkpoint.pth", "classifier")
+    assert not isinstance(model, cc.MultiHeadRegressor)
+
+
 # ---------------------------------------------------------------------------
 # Metrics
 # ---------------------------------------------------------------------------
@@ -318,6 +334,20 @@ def test_write_world_coords_saves_beside_samples_and_resumes(tmp_path):
     np.save(written[0], np.zeros((4, 2)))  # an existing file is kept: a stopped run resumes
     cc.write_world_coords(eval_dir, c_path, r_path, log=lambda msg: None)
     assert not np.load(written[0]).any()
+
+
+def test_dataset_mode_writes_each_videos_coords_under_results(tmp_path, monkeypatch):
+    """FDM's --dataset_dir mode: results/<dataset_dir>/coords/video_<i>.npy, from the video's own frames."""
+    c_path, r_path, classifier, regressor = save_tiny_models(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    make_carla_dir(tmp_path / "carla", n_videos=2, T=3)
+    written = cc.write_dataset_world_coords("carla", c_path, r_path, log=lambda msg: None)
+    assert [p.as_posix() for p in written] == ["results/carla/coords/video_0.npy", "results/carla/coords/video_1.npy"]
+    for i, path in enumerate(written):
+        frames = torch.load(tmp_path / "carla" / f"video_{i}.pt").numpy().transpose(0, 3, 1, 2)
+        np.testing.assert_allclose(np.load(path), cc.predict_coords(frames, classifier, regressor), atol=1e-5)
+    with pytest.raises(ConfigError, match="no '..'"):
+        cc.write_dataset_world_coords("../carla", c_path, r_path)
 
 
 def test_video_eval_wd_and_po_match_a_brute_force_computation(tmp_path):
