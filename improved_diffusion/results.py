@@ -4,12 +4,14 @@
     <eval_dir>/samples/sample_<video:04d>-<sample_idx>.npy   uint8 [T x C x H x W]
 
 Sampling writes these files and evaluation, the report and video_make_mp4 read them, so the
-names live here once.
+names (and the checks every reader needs) live here once.
 """
 
 import json
 import os
 import re
+
+import numpy as np
 
 from .errors import EvalError
 
@@ -53,10 +55,11 @@ def read_sampling_config(eval_dir):
     return config
 
 
-def find_samples(eval_dir, max_videos=None, sample_idx=None):
+def find_samples(eval_dir, max_videos=None, sample_idx=None, required=False):
     """[(path, video index, sample_idx)] of the samples in eval_dir, sorted by (index, sample_idx).
 
-    Only video indices < max_videos and only the given sample_idx, when given.
+    Only video indices < max_videos and only the given sample_idx, when given. required: an
+    EvalError when nothing matches (readers need samples; a resuming sampler does not).
     """
     sample_dir = os.path.join(eval_dir, SAMPLE_DIR)
     if not os.path.isdir(sample_dir):
@@ -69,4 +72,19 @@ def find_samples(eval_dir, max_videos=None, sample_idx=None):
         index, idx = int(match.group(1)), int(match.group(2))
         if (max_videos is None or index < max_videos) and (sample_idx is None or idx == sample_idx):
             found.append((os.path.join(sample_dir, name), index, idx))
+    if required and not found:
+        which = "" if sample_idx is None else f" with sample_idx {sample_idx}"
+        raise EvalError(f"{sample_dir} holds no sample_<index>-<sample_idx>.npy files{which}.")
     return sorted(found, key=lambda item: (item[1], item[2]))
+
+
+def read_sample(path, channels=None):
+    """A sample file as uint8 [T x C x H x W]; `channels` (e.g. 3) is required when given."""
+    try:
+        video = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as e:
+        raise EvalError(f"Sample {path} could not be read ({type(e).__name__}).") from None
+    if video.dtype != np.uint8 or video.ndim != 4 or (channels is not None and video.shape[1] != channels):
+        want = "[T x C x H x W]" if channels is None else f"[T x {channels} x H x W]"
+        raise EvalError(f"Sample {path} is {video.dtype} of shape {video.shape}, not uint8 {want}.")
+    return video

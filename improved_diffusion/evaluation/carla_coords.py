@@ -48,7 +48,7 @@ from tqdm import tqdm
 from ..checkpoints import read_checkpoint_file
 from ..errors import CheckpointError, ConfigError, DatasetError
 from .metrics import to_pixel_scale
-from .samples import find_samples, read_sample
+from ..results import find_samples, read_sample
 
 # FDM's grid for the classifier: 10 x 10 cells over [-10, 400]^2 metres.
 TOWN01_RANGE = (-10.0, 400.0)
@@ -288,7 +288,7 @@ def write_world_coords(eval_dir, classifier_path, regressor_path, batch_size=8, 
     interrupted run resumes. Returns the paths of the coordinate files."""
     _check_coords_args(batch_size, device)
     jobs = [(coords_path(sample), lambda sample=sample: read_sample(sample, channels=3))
-            for sample, _, _ in find_samples(eval_dir)]
+            for sample, _, _ in find_samples(eval_dir, required=True)]
     return _write_coords(jobs, classifier_path, regressor_path, batch_size, device, Path(eval_dir) / COORDS_DIR, log)
 
 

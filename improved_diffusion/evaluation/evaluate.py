@@ -28,7 +28,7 @@ from . import carla_coords
 from .ground_truth import GroundTruth
 from .metrics import MetricUnavailable, fvd, load_i3d, load_lpips, lpips_distance, psnr, ssim
 from .plots import plot_per_frame
-from .samples import find_samples, read_sample
+from ..results import find_samples, read_sample
 
 METRICS = ("psnr", "ssim", "lpips", "fvd", "cue_recall", "wd", "po")
 PER_FRAME_METRICS = ("psnr", "ssim", "lpips")
@@ -52,7 +52,7 @@ def load_pairs(eval_dir, config, max_videos=None, data_root=None, sample_idx=Non
     t < T when the ground-truth videos are shorter than the samples; then the first t frames are
     compared, and a note says so. `sample_idx` keeps only the samples with that index.
     """
-    found = find_samples(eval_dir, max_videos, sample_idx)
+    found = find_samples(eval_dir, max_videos, sample_idx, required=True)
     truth_source = GroundTruth(config, data_root)
     notes = []
     names, samples, truths = [], [], []

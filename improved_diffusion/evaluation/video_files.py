@@ -12,7 +12,7 @@ import numpy as np
 from ..errors import ConfigError, EvalError
 from ..results import read_sampling_config
 from .ground_truth import GroundTruth
-from .samples import find_samples, read_sample
+from ..results import find_samples, read_sample
 
 OBSERVED_COLOUR = (40, 110, 255)  # blue border: a frame the model was given
 GENERATED_COLOUR = (230, 40, 40)  # red border: a frame the model generated
@@ -96,7 +96,7 @@ def video_frames(eval_dir, scale=4, max_videos=None, ground_truth=True, data_roo
     if max_videos is not None and max_videos < 1:
         raise ConfigError(f"--max_videos must be at least 1, got {max_videos}.")
     config = read_sampling_config(eval_dir)
-    found = find_samples(eval_dir)[:max_videos]
+    found = find_samples(eval_dir, required=True)[:max_videos]
     try:
         n_obs = int(config["n_obs"])
     except (KeyError, TypeError, ValueError):
