@@ -30,7 +30,8 @@ def create_argparser():
     p.add_argument("checkpoint_path")
     p.add_argument("--sampling_scheme", default="autoreg", choices=list(PRESETS),
                    help="a frame plan, or a preset of plan and noise schedule")
-    p.add_argument("--n_obs", type=int, default=-1, help="given frames (-1: max_frames - max_latent_frames)")
+    p.add_argument("--n_obs", type=int, default=36,
+                   help="given frames at the start of each video (FDM's default 36; -1: max_frames - max_latent_frames)")
     p.add_argument("--T", type=int, default=-1, help="length of the sampled video (-1: the training T)")
     p.add_argument("--max_frames", type=int, default=-1, help="frames per stage (-1: the training max_frames)")
     p.add_argument("--max_latent_frames", type=int, default=-1, help="new frames per stage (-1: max_frames // 2)")

@@ -62,8 +62,8 @@ def test_write_videos_and_errors(tmp_path):
     sample = np.load(data / "test" / "1.npy").transpose(0, 3, 1, 2).copy()
     eval_dir = make_eval_dir(tmp_path / "e", data, [sample, sample], n_obs=2)
     written = video_files.write_videos(eval_dir, scale=2, max_videos=1, log=lambda line: None)
-    assert [Path(p).name for p in written] == ["sample_0000-0.mp4"]
-    assert (eval_dir / "videos" / "sample_0000-0.gif").stat().st_size > 0
+    assert [Path(p).name for p in written] == ["sample_0000-0.mp4", "sample_0000-0.gif"]
+    assert all(Path(p).stat().st_size > 0 for p in written)
     with pytest.raises(ConfigError, match="--fps must be positive"):
         video_files.write_videos(eval_dir, fps=0)
     with pytest.raises(ConfigError, match="--scale"):
@@ -72,3 +72,21 @@ def test_write_videos_and_errors(tmp_path):
     with pytest.raises(EvalError, match="The ground truth is unavailable"):
         list(video_files.video_frames(missing))
     assert len(list(video_files.video_frames(missing, ground_truth=False))) == 1
+
+
+def test_fdms_flags_choose_videos_seeds_format_and_given_frames(tmp_path):
+    """FDM's --do_n / --n_seeds / --format / --obs_length, on a folder with two videos x two sample_idx."""
+    data = folder_dataset(tmp_path / "data")
+    sample = np.load(data / "test" / "1.npy").transpose(0, 3, 1, 2).copy()
+    eval_dir = make_eval_dir(tmp_path / "e", data, [sample, sample], n_obs=2)
+    for i in range(2):
+        np.save(eval_dir / "samples" / f"sample_{i:04d}-1.npy", sample)
+    written = video_files.write_videos(eval_dir, scale=1, max_videos=1, n_seeds=2, formats=["gif"],
+                                       ground_truth=False, log=lambda line: None)
+    assert sorted(Path(p).name for p in written) == ["sample_0000-0.gif", "sample_0000-1.gif"]
+    [(_, frames)] = list(video_files.video_frames(eval_dir, scale=1, max_videos=1, n_seeds=1, obs_length=5,
+                                                  ground_truth=False))
+    assert tuple(frames[4, 0, 0]) == video_files.OBSERVED_COLOUR  # frame 4 is given with --obs_length 5
+    assert tuple(frames[5, 0, 0]) == video_files.GENERATED_COLOUR
+    with pytest.raises(ConfigError, match="--format"):
+        video_files.write_videos(eval_dir, formats=["avi"])

@@ -86,19 +86,25 @@ def write_gif(frames, path, fps=8):
     imageio.mimsave(path, list(frames), duration=1.0 / fps, loop=0)
 
 
-def video_frames(eval_dir, scale=4, max_videos=None, ground_truth=True, data_root=None):
-    """Yield (sample path, frames [T x H' x W' x 3]) for the first `max_videos` samples of a results folder.
+def video_frames(eval_dir, scale=4, max_videos=None, ground_truth=True, data_root=None, n_seeds=None,
+                 obs_length=0):
+    """Yield (sample path, frames [T x H' x W' x 3]) for the samples of test videos 0..max_videos-1.
 
-    Every flag is checked, and the ground truth found, before the first video is made.
+    n_seeds: only sample_idx 0..n_seeds-1 of each video (default: all). obs_length > 0 marks that many
+    frames as given instead of the run's n_obs (FDM's flag). Every flag is checked, and the ground
+    truth found, before the first video is made.
     """
     if not scale >= 1:
         raise ConfigError(f"--scale must be a whole number of at least 1, got {scale}.")
-    if max_videos is not None and max_videos < 1:
-        raise ConfigError(f"--max_videos must be at least 1, got {max_videos}.")
+    for flag, value in (("max_videos", max_videos), ("n_seeds", n_seeds)):
+        if value is not None and value < 1:
+            raise ConfigError(f"--{flag} must be at least 1, got {value}.")
+    if obs_length < 0:
+        raise ConfigError(f"--obs_length must be 0 (the run's n_obs) or positive, got {obs_length}.")
     config = read_sampling_config(eval_dir)
-    found = find_samples(eval_dir, required=True)[:max_videos]
+    found = [f for f in find_samples(eval_dir, max_videos, required=True) if n_seeds is None or f[2] < n_seeds]
     try:
-        n_obs = int(config["n_obs"])
+        n_obs = obs_length or int(config["n_obs"])
     except (KeyError, TypeError, ValueError):
         raise EvalError(f"{eval_dir}'s sampling_config.json has no whole-number 'n_obs' entry.") from None
     truth = GroundTruth(config, data_root) if ground_truth else None
@@ -108,24 +114,31 @@ def video_frames(eval_dir, scale=4, max_videos=None, ground_truth=True, data_roo
         yield path, side_by_side(sample, np.arange(len(sample)) < n_obs, gt, scale=scale)
 
 
-def write_videos(eval_dir, out_dir=None, fps=8, scale=4, max_videos=None, ground_truth=True, data_root=None,
-                 log=print):
-    """An mp4 and a gif per sample of a results folder, in `out_dir` (default `<eval_dir>/videos`).
+VIDEO_FORMATS = ("mp4", "gif")
 
-    Returns the mp4 paths. A missing ground-truth dataset is an EvalError naming it; pass
+
+def write_videos(eval_dir, out_dir=None, fps=8, scale=4, max_videos=None, ground_truth=True, data_root=None,
+                 n_seeds=None, obs_length=0, formats=VIDEO_FORMATS, log=print):
+    """A video file per sample and format of a results folder, in `out_dir` (default `<eval_dir>/videos`).
+
+    Returns the paths written. A missing ground-truth dataset is an EvalError naming it; pass
     ground_truth=False (--no_ground_truth) to show the samples alone.
     """
     if not fps > 0:
         raise ConfigError(f"--fps must be positive, got {fps}.")
+    unknown = [f for f in formats if f not in VIDEO_FORMATS]
+    if unknown or not formats:
+        raise ConfigError(f"--format must name one or more of {', '.join(VIDEO_FORMATS)}, got {', '.join(formats)}.")
     out_dir = out_dir or os.path.join(eval_dir, "videos")
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise ConfigError(f"--out_dir {out_dir} is a file, not a folder.")
+    writers = {"mp4": write_mp4, "gif": write_gif}
     written = []
-    for path, frames in video_frames(eval_dir, scale, max_videos, ground_truth, data_root):
+    for path, frames in video_frames(eval_dir, scale, max_videos, ground_truth, data_root, n_seeds, obs_length):
         os.makedirs(out_dir, exist_ok=True)
         stem = os.path.join(out_dir, os.path.basename(path)[: -len(".npy")])
-        write_mp4(frames, stem + ".mp4", fps=fps)
-        write_gif(frames, stem + ".gif", fps=fps)
-        log(stem + ".mp4")
-        written.append(stem + ".mp4")
+        for fmt in formats:
+            writers[fmt](frames, f"{stem}.{fmt}", fps=fps)
+            log(f"{stem}.{fmt}")
+            written.append(f"{stem}.{fmt}")
     return written

@@ -57,6 +57,9 @@ def scheme_for_checkpoint(config, sampling_scheme, *, T=DEFAULT, n_obs=DEFAULT, 
     T = size_flag("T", T, int(config.get("T") or DEFAULT))
     if T == DEFAULT:
         raise ConfigError("the checkpoint does not record a video length; pass --T.")
+    if n_obs not in (None, DEFAULT) and n_obs >= T:
+        raise ConfigError(f"--n_obs {n_obs} given frames leave none to generate in a video of --T {T} frames; "
+                          "pass a smaller --n_obs (video_sample.py's default is FDM's 36) or a larger --T.")
     return Scheme.from_preset(
         sampling_scheme, T=T, max_frames=K, n_obs=size_flag("n_obs", n_obs, None, minimum=0),
         max_latent_frames=size_flag("max_latent_frames", max_latent_frames, None),
