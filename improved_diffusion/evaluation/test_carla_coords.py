@@ -160,8 +160,25 @@ def test_training_is_reproducible_and_saves(tmp_path):
     assert all(np.isfinite(h["train_loss"]) and np.isfinite(h["test_loss"]) for h in history)
     _, again = cc.train_coordinate_model(tmp_path, "regressor", **kwargs)
     assert again == history
-    classifier, c_history = cc.train_coordinate_model(tmp_path, "classifier", **{**kwargs, "epochs": 1})
-    assert len(c_history) == 1 and not model.training
+    with pytest.raises(ConfigError, match="Unknown model kind"):
+        cc.train_coordinate_model(tmp_path, "detector", **kwargs)
+
+
+def test_the_classifier_comes_back_with_its_best_test_weights(tmp_path):
+    """The returned classifier is the epoch with the lowest test loss, in eval mode, not the last epoch."""
+    make_carla_dir(tmp_path)
+    kwargs = dict(config=TINY, epochs=3, batch_size=4, seed=3, lr=1e-3, progress=False, log=lambda msg: None)
+    classifier, history = cc.train_coordinate_model(tmp_path, "classifier", **kwargs)
+    test_losses = [h["test_loss"] for h in history]
+    assert int(np.argmin(test_losses)) != len(history) - 1  # else the check below could not tell best from last
+    assert not classifier.training and not isinstance(classifier, cc.MultiHeadRegressor)
+    rng = np.random.default_rng([3, 2**31])  # the loop's fixed test-split order
+    total = count = 0
+    with torch.no_grad():
+        for frames, coords in cc.frame_batches(cc.read_split(tmp_path, "test"), 4, rng):
+            total += cc._loss(classifier, "classifier", frames, coords, "cpu").item() * len(frames)
+            count += len(frames)
+    assert total / count == pytest.approx(min(test_losses), rel=1e-5)
     with pytest.raises(ConfigError, match="Unknown model kind"):
         cc.train_coordinate_model(tmp_path, "detector", **kwargs)
 
