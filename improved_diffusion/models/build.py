@@ -1,13 +1,19 @@
-"""The network's flags (FDM's names) and the model they build.
+"""The network's flags and the model they build: FDM's UNet or Diffusion Forcing's 3D-UNet.
 
-`ModelConfig`'s field names are FDM's command-line flags, so an FDM checkpoint's saved
-config reads straight into it.
+`ModelConfig`'s field names are FDM's command-line flags (for `fdm_unet`) and DF's yaml names
+(`algorithm.diffusion.architecture.*`, for `df_unet3d`), so either paper's saved configuration
+reads straight into it. Only the chosen architecture's fields are checked and used.
 """
 
 from dataclasses import dataclass
 
 from ..errors import ConfigError
+from .df_unet3d import DFUNet3D, DFUNet3DConfig
 from .unet import DEFAULT_CHANNEL_MULT, UNetConfig, UNetVideoModel
+
+ARCHITECTURES = ("fdm_unet", "df_unet3d")
+TIME_EMB_TYPES = ("rotary", "sinusoidal")  # DF's Unet3D `time_emb_type`
+DF_GROUPS = 8  # DF's ResnetBlock GroupNorm groups (Unet3D's resnet_block_groups)
 
 
 GROUPS = 32  # GroupNorm groups (FDM's `normalization`): every channel count must be a multiple
@@ -15,8 +21,10 @@ GROUPS = 32  # GroupNorm groups (FDM's `normalization`): every channel count mus
 
 @dataclass
 class ModelConfig:
-    """FDM's model flags with FDM's defaults (scripts/video_train.py + script_util.py)."""
+    """FDM's model flags with FDM's defaults (scripts/video_train.py + script_util.py), and DF's
+    3D-UNet options with the defaults of DF's configurations/algorithm/df_video.yaml."""
 
+    architecture: str = "fdm_unet"  # fdm_unet (FDM's UNet) | df_unet3d (Diffusion Forcing's 3D-UNet)
     image_size: int = 64
     num_channels: int = 128
     num_res_blocks: int = 2
@@ -30,12 +38,34 @@ class ModelConfig:
     use_checkpoint: bool = False
     use_rpe_net: bool = True  # FDM's only working option; kept for config compatibility
     causal: bool = False  # temporal attention never looks at frames with a larger index
+    # df_unet3d only: DF's names and df_video.yaml's values.
+    network_size: int = 64  # base channel count (DF's Unet3D `dim`)
+    dim_mults: str = "1,2,4,8"  # channel multiplier per level, like --channel_mult
+    attn_resolutions: str = "16,32,64,128"  # DF's pixel sizes; levels with attention: image_size // r
+    attn_heads: int = 4
+    attn_dim_head: int = 64
+    use_linear_attn: bool = True  # linear spatial attention on all but the deepest level
+    use_init_temporal_attn: bool = True  # temporal attention right after the first convolution
+    time_emb_type: str = "rotary"  # frame positions in temporal attention: rotary | sinusoidal
+    strict_causal: bool = False  # with --causal: normalize each frame alone (DF's GroupNorm mixes frames)
 
     def validate(self):
         """Raise ConfigError naming the first flag the network cannot be built with.
 
         Cheap, so callers run it before reading data or allocating the model.
         """
+        if self.architecture not in ARCHITECTURES:
+            raise ConfigError(f"--architecture must be one of {', '.join(ARCHITECTURES)}, got '{self.architecture}'.")
+        if self.image_size < 1:
+            raise ConfigError(f"--image_size must be a positive integer, got {self.image_size}.")
+        if self.strict_causal and not self.causal:
+            raise ConfigError("--strict_causal True needs --causal True.")
+        if self.architecture == "df_unet3d":
+            self._validate_df()
+            return
+        if self.strict_causal:
+            raise ConfigError("--strict_causal applies only to --architecture df_unet3d: "
+                              "FDM's causal UNet already normalizes each frame on its own.")
         for name in ("image_size", "num_channels", "num_res_blocks", "num_heads"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name} must be a positive integer, got {getattr(self, name)}.")
@@ -67,7 +97,25 @@ class ModelConfig:
             bad = sorted(w for w in widths if w % heads)
             if bad:
                 raise ConfigError(f"--{flag} {heads} does not divide the attention width {bad[0]} "
-                                  f"(--num_channels x --channel_mult).")
+                              f"(--num_channels x --channel_mult).")
+
+    def _validate_df(self):
+        for name in ("network_size", "attn_heads", "attn_dim_head"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name} must be a positive integer, got {getattr(self, name)}.")
+        if self.network_size % DF_GROUPS:
+            raise ConfigError(f"--network_size must be a multiple of {DF_GROUPS} (the group norm's groups), "
+                              f"got {self.network_size}.")
+        if self.time_emb_type not in TIME_EMB_TYPES:
+            raise ConfigError(f"--time_emb_type must be one of {', '.join(TIME_EMB_TYPES)}, "
+                              f"got '{self.time_emb_type}'.")
+        mults = parse_int_list(self.dim_mults, "dim_mults")
+        if not mults:
+            raise ConfigError(f"--dim_mults must name at least one level, got '{self.dim_mults}'.")
+        if self.image_size % 2 ** (len(mults) - 1):
+            raise ConfigError(f"--image_size {self.image_size} is not divisible by 2**{len(mults) - 1}, "
+                              f"which the {len(mults)} levels of --dim_mults {self.dim_mults} need.")
+        parse_int_list(self.attn_resolutions, "attn_resolutions")
 
 
 def parse_channel_mult(text, image_size):
@@ -96,6 +144,39 @@ def parse_attention_resolutions(text):
     return resolutions
 
 
+def parse_int_list(text, flag):
+    """A comma-separated flag (or a list, as DF's yaml holds it) as a tuple of positive ints."""
+    items = text if isinstance(text, (list, tuple)) else [x for x in str(text).split(",") if x.strip()]
+    try:
+        values = tuple(int(x) for x in items)
+    except (TypeError, ValueError):
+        raise ConfigError(f"--{flag} must be comma-separated integers, got '{text}'.") from None
+    if any(v < 1 for v in values):
+        raise ConfigError(f"--{flag} must be positive integers, got '{text}'.")
+    return values
+
+
+def df_unet3d_config(model_cfg: ModelConfig, learn_sigma: bool) -> DFUNet3DConfig:
+    """DF's Unet3D arguments; attention levels as DF's Diffusion._build_model converts them:
+    downsample factor = resolution // r for each of `attn_resolutions` (models/diffusion.py)."""
+    size = model_cfg.image_size
+    return DFUNet3DConfig(
+        image_size=size,
+        channels=3,
+        out_channels=6 if learn_sigma else 3,
+        network_size=model_cfg.network_size,
+        dim_mults=parse_int_list(model_cfg.dim_mults, "dim_mults"),
+        attn_factors=tuple(size // r for r in parse_int_list(model_cfg.attn_resolutions, "attn_resolutions")),
+        attn_heads=model_cfg.attn_heads,
+        attn_dim_head=model_cfg.attn_dim_head,
+        use_linear_attn=model_cfg.use_linear_attn,
+        use_init_temporal_attn=model_cfg.use_init_temporal_attn,
+        time_emb_type=model_cfg.time_emb_type,
+        causal=model_cfg.causal,
+        strict_causal=model_cfg.strict_causal,
+    )
+
+
 def unet_config(model_cfg: ModelConfig, learn_sigma: bool) -> UNetConfig:
     size = model_cfg.image_size
     return UNetConfig(
@@ -115,7 +196,10 @@ def unet_config(model_cfg: ModelConfig, learn_sigma: bool) -> UNetConfig:
 
 
 def create_model(model_cfg: ModelConfig, learn_sigma=False):
+    """The network `model_cfg.architecture` names, validated first."""
     model_cfg.validate()
+    if model_cfg.architecture == "df_unet3d":
+        return DFUNet3D(df_unet3d_config(model_cfg, learn_sigma))
     return UNetVideoModel(unet_config(model_cfg, learn_sigma))
 
 
