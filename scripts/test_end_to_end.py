@@ -115,3 +115,23 @@ def test_training_on_a_folder_with_a_corrupt_video_stops_or_skips(tmp_path):
     skip = run_script("video_train.py", *args, "--on_bad_video", "skip", cwd=tmp_path, check=False)
     assert skip.returncode == 0, skip.stderr[-2000:]
     assert "Skipped 1 of 4 train videos" in skip.stderr  # a counted warning
+
+
+def test_diffusion_forcing_recipe_trains_a_df_unet3d_that_loads(tmp_path):
+    """DF's video recipe (df_video.yaml) at tiny size: per-frame noise levels, fused-SNR v-loss,
+    clamped noise, warm-up, AdamW betas, gradient clipping, DF's 3D-UNet."""
+    from improved_diffusion.checkpoints import load_checkpoint
+
+    run_script("video_train.py", "--dataset", "bouncing_balls", "--T", 4, "--max_frames", 4, "--batch_size", 2,
+               "--noise_mode", "diffusion_forcing", "--architecture", "df_unet3d", "--causal", "True",
+               "--image_size", 16, "--network_size", 16, "--dim_mults", "1,2", "--attn_resolutions", "8,16",
+               "--attn_heads", 2, "--attn_dim_head", 8, "--noise_schedule", "sigmoid", "--predict_v", "True",
+               "--loss_weighting", "fused_snr", "--clip_noise", 6, "--warmup_steps", 100, "--adam_betas", "0.9,0.99",
+               "--grad_clip", 1.0, "--weight_decay", 2e-3, "--lr", 8e-5, "--max_steps", 2, "--sample_interval", 0,
+               "--num_workers", 0, "--checkpoint_dir", tmp_path / "ckpt", "--wandb_id", "df", cwd=tmp_path)
+    model, diffusion, config = load_checkpoint(str(tmp_path / "ckpt" / "df" / "ema_0.9999_000002.pt"))
+    assert type(model).__name__ == "DFUNet3D" and config["step"] == 2
+    assert (diffusion.loss_weighting, diffusion.clip_noise, config["grad_clip"]) == ("fused_snr", 6.0, 1.0)
+    x = torch.zeros(1, 4, 3, 16, 16)
+    out = model(x, torch.tensor([[0, 10, 500, 999]]), frame_indices=torch.arange(4)[None])
+    assert out.shape == x.shape and torch.isfinite(out).all()

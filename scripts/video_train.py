@@ -16,6 +16,21 @@ ranks wait for a dead one.
 
 The flags and their defaults are FDM's (scripts/video_train.py), so an FDM command trains
 the same model; --dataset is required, as it is there. Ours come after them.
+
+Diffusion Forcing's video recipe (its configurations/algorithm/df_video.yaml with
+experiment/exp_video.yaml) is, for 64-pixel clips of 16 frames:
+
+    python scripts/video_train.py --dataset <dataset> --T 16 --max_frames 16 \
+        --noise_mode diffusion_forcing --architecture df_unet3d --causal True --image_size 64 \
+        --network_size 64 --dim_mults 1,2,4,8 --attn_resolutions 16,32,64,128 --attn_heads 4 \
+        --attn_dim_head 64 --use_linear_attn True --use_init_temporal_attn True --time_emb_type rotary \
+        --diffusion_steps 1000 --noise_schedule sigmoid --predict_v True \
+        --loss_weighting fused_snr --snr_clip 5 --cum_snr_decay 0.96 --clip_noise 6 \
+        --lr 8e-5 --weight_decay 2e-3 --adam_betas 0.9,0.99 --warmup_steps 10000 --grad_clip 1.0 \
+        --batch_size 8 --max_steps 200000
+
+DF decays the running SNR per frame of the original video: on a dataset subsampled every
+s frames it uses 0.96**s (DMLab and Minecraft: s = 2, --cum_snr_decay 0.9216).
 """
 
 import argparse
@@ -27,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from improved_diffusion import cli  # noqa: E402
 from improved_diffusion.diffusion import DiffusionConfig  # noqa: E402
 from improved_diffusion.diffusion.build import NOISE_SCHEDULES  # noqa: E402
+from improved_diffusion.diffusion.loss_weights import LOSS_WEIGHTINGS  # noqa: E402
 from improved_diffusion.models import ModelConfig  # noqa: E402
 from improved_diffusion.training.frame_masks import NOISE_MODES  # noqa: E402
 from improved_diffusion.training.launch import train  # noqa: E402
@@ -40,7 +56,8 @@ def create_argparser():
     cli.add_dataclass_args(parser, TrainConfig, choices={"noise_mode": NOISE_MODES, "on_bad_video": ON_BAD_VIDEO,
                                                          "schedule_sampler": SCHEDULE_SAMPLERS})
     cli.add_dataclass_args(parser, ModelConfig, overrides={"image_size": -1})  # -1: the dataset's size
-    cli.add_dataclass_args(parser, DiffusionConfig, choices={"noise_schedule": NOISE_SCHEDULES})
+    cli.add_dataclass_args(parser, DiffusionConfig, choices={"noise_schedule": NOISE_SCHEDULES,
+                                                             "loss_weighting": LOSS_WEIGHTINGS})
     parser.add_argument("--unobserve", action="store_true",
                         help="FDM's flag: keep wandb offline (WANDB_DIR_DRYRUN, when set, is where it writes)")
     return parser

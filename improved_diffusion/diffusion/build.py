@@ -4,6 +4,7 @@ from dataclasses import dataclass
 
 from ..errors import ConfigError
 from . import gaussian_diffusion as gd
+from .loss_weights import LOSS_WEIGHTINGS
 from .respace import SpacedDiffusion, space_timesteps
 
 
@@ -12,7 +13,15 @@ NOISE_SCHEDULES = ("linear", "cosine", "sigmoid")
 
 @dataclass
 class DiffusionConfig:
-    """FDM's diffusion flags with FDM's defaults (script_util.model_and_diffusion_defaults), plus predict_v."""
+    """FDM's diffusion flags with FDM's defaults (script_util.model_and_diffusion_defaults), then ours.
+
+    Ours: predict_v; Diffusion Forcing's training objective: per-frame loss weights
+    (loss_weighting, snr_clip, cum_snr_decay; see loss_weights, defaults DF's, except that
+    DF's video config sets cum_snr_decay 0.96 and its base config 0.98) and clip_noise, the
+    bound on the Gaussian noise of training (and of a sampler's initial noise). clip_noise 0
+    means no bound: FDM's behaviour, and what a checkpoint without the field gets. DF's
+    default, 20, bounds nothing in practice either; its video config uses 6.
+    """
 
     diffusion_steps: int = 1000
     noise_schedule: str = "linear"  # linear | cosine | sigmoid
@@ -24,6 +33,10 @@ class DiffusionConfig:
     predict_v: bool = False
     rescale_timesteps: bool = True
     rescale_learned_sigmas: bool = True
+    loss_weighting: str = "none"  # none | min_snr | fused_snr
+    snr_clip: float = 5.0
+    cum_snr_decay: float = 0.96
+    clip_noise: float = 0.0  # 0: the noise is not clamped
 
     def validate(self):
         """Raise ConfigError naming the first flag no diffusion can be built with."""
@@ -34,6 +47,18 @@ class DiffusionConfig:
                               f"got '{self.noise_schedule}'.")
         if self.predict_xstart and self.predict_v:
             raise ConfigError("Choose at most one of --predict_xstart and --predict_v.")
+        if self.loss_weighting not in LOSS_WEIGHTINGS:
+            raise ConfigError(f"--loss_weighting must be one of {', '.join(LOSS_WEIGHTINGS)}, "
+                              f"got '{self.loss_weighting}'.")
+        if not self.snr_clip > 0:
+            raise ConfigError(f"--snr_clip must be positive, got {self.snr_clip}.")
+        if not 0 <= self.cum_snr_decay <= 1:
+            raise ConfigError(f"--cum_snr_decay must be in [0, 1], got {self.cum_snr_decay}.")
+        if not self.clip_noise >= 0:
+            raise ConfigError(f"--clip_noise must be 0 (no clamping) or positive, got {self.clip_noise}.")
+        if self.loss_weighting != "none" and self.use_kl:
+            raise ConfigError(f"--loss_weighting {self.loss_weighting} weights the MSE term, which --use_kl True "
+                              f"does not have; use --use_kl False or --loss_weighting none.")
 
 
 def create_diffusion(cfg: DiffusionConfig, timestep_respacing=None):
@@ -69,4 +94,8 @@ def create_diffusion(cfg: DiffusionConfig, timestep_respacing=None):
         model_var_type=var_type,
         loss_type=loss_type,
         rescale_timesteps=cfg.rescale_timesteps,
+        loss_weighting=cfg.loss_weighting,
+        snr_clip=cfg.snr_clip,
+        cum_snr_decay=cfg.cum_snr_decay,
+        clip_noise=cfg.clip_noise,
     )

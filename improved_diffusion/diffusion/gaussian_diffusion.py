@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .loss_weights import frame_loss_weights
 from .losses import LOG2, discretized_gaussian_log_likelihood, normal_kl
 
 
@@ -124,11 +125,23 @@ def model_output_tensor(out):
 # ----------------------------------------------------------------------------- diffusion
 
 class GaussianDiffusion:
-    def __init__(self, *, betas, model_mean_type, model_var_type, loss_type, rescale_timesteps=True):
+    """The maths of one diffusion chain.
+
+    loss_weighting, snr_clip, cum_snr_decay: per-frame loss weights (see loss_weights);
+    clip_noise: training noise is clamped to +-clip_noise (0: not clamped), as Diffusion
+    Forcing does (models/diffusion.py, `forward` and `q_sample`).
+    """
+
+    def __init__(self, *, betas, model_mean_type, model_var_type, loss_type, rescale_timesteps=True,
+                 loss_weighting="none", snr_clip=5.0, cum_snr_decay=0.96, clip_noise=0.0):
         self.model_mean_type = model_mean_type
         self.model_var_type = model_var_type
         self.loss_type = loss_type
         self.rescale_timesteps = rescale_timesteps
+        self.loss_weighting = loss_weighting
+        self.snr_clip = snr_clip
+        self.cum_snr_decay = cum_snr_decay
+        self.clip_noise = clip_noise
 
         betas = np.asarray(betas, dtype=np.float64)
         assert betas.ndim == 1 and (betas > 0).all() and (betas <= 1).all()
@@ -349,6 +362,32 @@ class GaussianDiffusion:
 
     # --- training
 
+    def training_noise(self, noise):
+        """Training noise as the loss sees it: clamped to +-clip_noise when clip_noise > 0."""
+        return noise.clamp(-self.clip_noise, self.clip_noise) if self.clip_noise > 0 else noise
+
+    def snr(self, t):
+        """abar / (1 - abar) of timesteps t (any shape), float64."""
+        abar = torch.from_numpy(self.alphas_cumprod).to(t.device)[t.clamp(min=0)]
+        return abar / (1 - abar)
+
+    def loss_frame_weights(self, t, num_frames, known=None, in_sequence=None):
+        """Per-frame loss weights [B x num_frames] (float32), or None when loss_weighting is 'none'.
+
+        t: [B] or [B x num_frames]; known: bool [B x num_frames], frames shown clean (observed);
+        in_sequence: bool [B x num_frames], frames of the running SNR (None: all; padding frames
+        should be left out). See loss_weights for the rules.
+        """
+        if self.loss_weighting == "none":
+            return None
+        if t.dim() == 1:
+            t = t[:, None].expand(-1, num_frames)
+        objective = {ModelMeanType.EPSILON: "eps", ModelMeanType.START_X: "x0",
+                     ModelMeanType.VELOCITY: "v"}[self.model_mean_type]
+        weights = frame_loss_weights(self.loss_weighting, self.snr(t), objective, self.snr_clip,
+                                     self.cum_snr_decay, in_sequence, known)
+        return weights.float()
+
     def vb_terms_bpd(self, model, x_start, x_t, t, clip_denoised=True, model_kwargs=None, latent_mask=None,
                      model_output=None, per_frame_terms=False):
         """One term of the variational bound, in bits per dim, averaged over latent frames: [B]
@@ -364,11 +403,15 @@ class GaussianDiffusion:
         return {"output": reduce(per_elem, latent_mask), "pred_xstart": out["pred_xstart"]}
 
     def training_losses(self, model, x_start, t, model_kwargs=None, noise=None, latent_mask=None,
-                        per_frame_terms=False):
+                        per_frame_terms=False, frame_weights=None):
         """Loss terms per batch element ([B]) for timesteps t ([B] or [B x T]).
 
         per_frame_terms: terms per frame instead ([B x T], 0 outside latent_mask), for a
         caller that weights frames separately (per-frame importance sampling of t).
+        frame_weights: [B x T] weights of each frame's squared error (loss_frame_weights),
+        or None. They weight the MSE term only: "mse" stays the unweighted error, "loss" is
+        the weighted one (plus the VLB term of a learned variance, which is a likelihood
+        bound and keeps its own weighting). The noise is clamped (training_noise).
 
         Only latent frames are noised and counted. With a learned variance, the hybrid loss
         MSE + VLB * N / 1000 (improved DDPM's lambda = 0.001 for N = 1000), the VLB seeing the
@@ -378,6 +421,7 @@ class GaussianDiffusion:
         latent_mask = latent_mask_from(model_kwargs, latent_mask, x_start)
         if noise is None:
             noise = torch.randn_like(x_start)
+        noise = self.training_noise(noise)
         x_t = self.q_sample(x_start, t, noise, latent_mask)
         terms = {}
         if self.loss_type in (LossType.KL, LossType.RESCALED_KL):
@@ -403,6 +447,11 @@ class GaussianDiffusion:
             ModelMeanType.VELOCITY: self.velocity(x_start, t, noise),
         }[self.model_mean_type]
         reduce = frame_means_over_latent if per_frame_terms else mean_over_latent
-        terms["mse"] = reduce((target - model_output) ** 2, latent_mask)
-        terms["loss"] = terms["mse"] + terms.get("vb", 0.0)
+        squared_error = (target - model_output) ** 2
+        terms["mse"] = reduce(squared_error, latent_mask)
+        if frame_weights is None:
+            terms["loss"] = terms["mse"] + terms.get("vb", 0.0)
+        else:
+            weighted = squared_error * per_frame(frame_weights.to(squared_error.dtype), squared_error)
+            terms["loss"] = reduce(weighted, latent_mask) + terms.get("vb", 0.0)
         return terms

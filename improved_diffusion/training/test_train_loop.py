@@ -7,6 +7,7 @@ itself SIGTERM (as Slurm does before pre-emption) during step --signal_at.
 
 import argparse
 import csv
+import math
 import os
 import runpy
 import signal
@@ -14,6 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -72,7 +74,7 @@ def test_examples_without_padding_frames_are_zero_padded_to_a_common_length():
 # ----------------------------------------------------------------------------- TrainLoop in this process
 
 
-def tiny_loop(tmp_path, monkeypatch, **overrides):
+def tiny_loop(tmp_path, monkeypatch, diffusion_cfg=None, **overrides):
     monkeypatch.setenv("WANDB_MODE", "disabled")
     values = dict(batch_size=2, max_frames=4, T=10, save_interval=1000, log_interval=1, ema_rate="0.9", max_steps=4)
     cfg = TrainConfig(**{**values, **overrides})
@@ -80,7 +82,7 @@ def tiny_loop(tmp_path, monkeypatch, **overrides):
                             attention_resolutions="8", num_heads=2)
     torch.manual_seed(0)
     model = create_model(model_cfg)
-    diffusion = create_diffusion(DiffusionConfig(diffusion_steps=50))
+    diffusion = create_diffusion(diffusion_cfg or DiffusionConfig(diffusion_steps=50))
     batches = train_batches(get_dataset("bouncing_balls", T=10, image_size=16), 2 * cfg.batch_size, seed=0)
     run_dir = tmp_path / "run"
     run_dir.mkdir(exist_ok=True)
@@ -124,6 +126,71 @@ def test_keep_last_keeps_the_newest_complete_steps(tmp_path, monkeypatch, one_th
     assert checkpoint_io.complete_steps(loop.run_dir, [0.9]) == [3, 4]
     assert sorted(n for n in os.listdir(loop.run_dir) if n.endswith(".pt")) == [
         "ema_0.9_000003.pt", "ema_0.9_000004.pt", "model000003.pt", "model000004.pt", "opt000003.pt", "opt000004.pt"]
+
+
+def test_warmup_is_linear_from_the_first_step_and_composes_with_annealing(tmp_path, monkeypatch):
+    loop = tiny_loop(tmp_path, monkeypatch, lr=1e-3, warmup_steps=4)
+    # DF's rule from step 1 on (lr * k / warmup); step 0 as step 1.
+    expected = [0.25e-3, 0.25e-3, 0.5e-3, 0.75e-3, 1e-3, 1e-3, 1e-3]
+    assert [loop.lr_at(k) for k in range(7)] == pytest.approx(expected, rel=1e-12)
+    both = tiny_loop(tmp_path, monkeypatch, lr=1e-3, warmup_steps=4, lr_anneal_steps=10)
+    assert both.lr_at(2) == pytest.approx(1e-3 * 0.5 * 0.8) and both.lr_at(6) == pytest.approx(1e-3 * 0.4)
+
+
+def test_grad_clip_bounds_the_global_gradient_norm_and_adam_betas_reach_the_optimizer(tmp_path, monkeypatch,
+                                                                                      one_thread):
+    norms = []
+    for clip in (0.0, 1e-3):
+        loop = tiny_loop(tmp_path, monkeypatch, grad_clip=clip, adam_betas="0.8,0.95")
+        assert loop.opt.param_groups[0]["betas"] == (0.8, 0.95)
+        loop.run_step()
+        norms.append(math.sqrt(sum(float((p.grad.double() ** 2).sum()) for p in loop.params)))
+    assert norms[0] > 1e-2  # unclipped, the gradient is far larger than the bound
+    assert norms[1] == pytest.approx(1e-3, rel=1e-4)
+
+
+@pytest.mark.parametrize("noise_mode", ["fdm", "mixed", "diffusion_forcing"])
+def test_training_weights_frames_by_the_fused_snr_of_the_example(tmp_path, monkeypatch, noise_mode):
+    """The loop's wiring: clean observed frames are known, padding frames are outside the running SNR."""
+    cfg = DiffusionConfig(diffusion_steps=50, predict_v=True, noise_schedule="sigmoid", loss_weighting="fused_snr",
+                          cum_snr_decay=0.9)
+    loop = tiny_loop(tmp_path, monkeypatch, diffusion_cfg=cfg, noise_mode=noise_mode, batch_size=4)
+    videos = torch.rand(8, 10, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    batch = training_batch(videos[:4], videos[4:], first_index=0, seed=5, step=0, max_frames=4,
+                           noise_mode=noise_mode, num_timesteps=50)
+    seen = {}
+    training_losses = loop.diffusion.training_losses
+
+    def spy(*args, **kwargs):
+        seen["weights"] = kwargs["frame_weights"]
+        return training_losses(*args, **kwargs)
+
+    monkeypatch.setattr(loop.diffusion, "training_losses", spy)
+    loop.microbatch_loss(batch, 0, 4)
+    abar = np.cumprod(1 - loop.diffusion.betas)
+    B, K = batch["x"].shape[:2]
+    t = batch["t"] if batch["t"].dim() == 2 else batch["t"][:, None].expand(B, K)
+    obs, latent = batch["obs_mask"].view(B, K) > 0, batch["latent_mask"].view(B, K) > 0
+    noisy_obs = batch["noisy_obs"].view(B, K) > 0
+    for b in range(B):
+        weights, running, started = [], 0.0, False
+        for k in range(K):
+            known = bool(obs[b, k] and not noisy_obs[b, k])
+            snr = 5.0 if known else abar[t[b, k]] / (1 - abar[t[b, k]])
+            s = min(snr, 5.0) / 5.0
+            in_sequence = bool(obs[b, k] or latent[b, k])
+            context = 0.9 * running if in_sequence else 0.0
+            if in_sequence:
+                running, started = (0.9 * running + 0.1 * s if started else s), True
+            clipped = 1 - (1 - context) * (1 - s)
+            fused = 1 - (1 - context) * (1 - snr / 5.0)
+            weights.append(0.0 if known else clipped * 5.0 / (fused * 5.0 + 1))
+        np.testing.assert_allclose(seen["weights"][b].numpy(), weights, rtol=1e-5, atol=1e-7)
+    # The example covers each rule: clean observed, noisy observed (mixed) and padding frames (fdm).
+    if noise_mode == "fdm":
+        assert obs.any() and (~(obs | latent)).any()
+    if noise_mode == "mixed":
+        assert noisy_obs.any() and (obs & ~noisy_obs).any()
 
 
 # ----------------------------------------------------------------------------- the script: exact resume
@@ -194,6 +261,32 @@ def test_a_resumed_run_is_bitwise_the_same_run(straight_run, tmp_path):
     # wandb (offline) continued the same run id.
     segments = [p.name for p in (run_dir / "wandb").iterdir() if p.name.startswith("offline-run-")]
     assert len(segments) == 2 and all(s.endswith(run_dir.name) for s in segments)
+
+
+# Diffusion Forcing's recipe: warm-up, gradient clipping, AdamW betas, fused SNR, clamped noise.
+DF_RUN = RUN + ["--warmup_steps", "3", "--grad_clip", "0.05", "--adam_betas", "0.9,0.99", "--weight_decay", "0.002",
+                "--loss_weighting", "fused_snr", "--cum_snr_decay", "0.9", "--snr_clip", "4", "--clip_noise", "1.5",
+                "--predict_v", "True", "--noise_schedule", "sigmoid"]
+
+
+def test_a_resumed_diffusion_forcing_recipe_run_is_bitwise_the_same_run(tmp_path):
+    straight = train(tmp_path, DF_RUN + ["--max_steps", "4", "--checkpoint_dir", tmp_path / "straight"])
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    ckpt = tmp_path / "ckpt"
+    first = train(tmp_path, DF_RUN + ["--max_steps", "2", "--checkpoint_dir", ckpt])
+    assert first.returncode == 0, first.stderr[-3000:]
+    run_dir = only_run(ckpt)
+    second = train(tmp_path, ["--wandb_id", run_dir.name, "--max_steps", "4", "--checkpoint_dir", ckpt])
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert_bitwise_equal(only_run(tmp_path / "straight"), run_dir)
+    config = read_checkpoint_file(str(run_dir / "model000004.pt"))["config"]
+    assert (config["warmup_steps"], config["grad_clip"], config["adam_betas"], config["loss_weighting"],
+            config["clip_noise"]) == (3, 0.05, "0.9,0.99", "fused_snr", 1.5)
+    groups = read_checkpoint_file(str(run_dir / "opt000004.pt"))["optimizer"]["param_groups"]
+    # The last step (3) ran at the full lr: warm-up over, annealing at 3/10 (--lr_anneal_steps 10).
+    assert tuple(groups[0]["betas"]) == (0.9, 0.99) and groups[0]["lr"] == pytest.approx(1e-4 * 0.7)
+    with open(run_dir / "progress.csv") as f:
+        assert all(float(row["grad_norm"]) > 0 for row in csv.DictReader(f))
 
 
 def test_resume_checkpoint_starts_a_new_run_from_weights(straight_run, tmp_path):

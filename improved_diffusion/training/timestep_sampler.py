@@ -12,7 +12,8 @@
 Per-frame timesteps (noise modes diffusion_forcing and mixed) draw each frame's t
 independently from the same distribution; each frame's loss gets its own weight and is
 recorded in the history at that frame's t. (FDM has one t per video and records the
-video's loss.)
+video's loss.) With SNR loss weights (--loss_weighting), the history holds the weighted
+losses: the objective being minimized.
 
 The sampler's state is part of a checkpoint, so a resumed run draws the same timesteps an
 uninterrupted one would. Every rank applies the same updates (the losses of all ranks, in

@@ -68,6 +68,9 @@ class TrainConfig:
     keep_last: int = 0  # keep only the newest K checkpoint steps (0: keep all)
     max_nonfinite_steps: int = 20  # stop after this many consecutive non-finite losses
     on_bad_video: str = "stop"  # stop | skip: what an unreadable or malformed video does to training
+    warmup_steps: int = 0  # linear learning-rate warm-up over this many steps (0: none), see lr_at
+    adam_betas: str = "0.9,0.999"  # AdamW's (beta1, beta2); Diffusion Forcing's video recipe uses 0.9,0.99
+    grad_clip: float = 0.0  # clip the gradient's global 2-norm to this (0: no clipping)
 
     def validate(self):
         """Raise ConfigError naming the first flag that training cannot run with (cheap: no files read).
@@ -79,7 +82,7 @@ class TrainConfig:
         for name in ("batch_size", "log_interval", "save_interval", "max_frames", "max_nonfinite_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name} must be a positive integer, got {getattr(self, name)}.")
-        for name in ("lr_anneal_steps", "max_steps", "keep_last", "seed"):
+        for name in ("lr_anneal_steps", "max_steps", "keep_last", "seed", "warmup_steps"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name} must be 0 or positive, got {getattr(self, name)}.")
         if not self.lr > 0:
@@ -87,6 +90,9 @@ class TrainConfig:
         if not self.weight_decay >= 0:
             raise ConfigError(f"--weight_decay must be 0 or positive, got {self.weight_decay}.")
         parse_ema_rates(self.ema_rate)
+        parse_adam_betas(self.adam_betas)
+        if not self.grad_clip >= 0:
+            raise ConfigError(f"--grad_clip must be 0 (no clipping) or positive, got {self.grad_clip}.")
         if self.T != -1 and self.T < 1:
             raise ConfigError(f"--T must be -1 (the dataset's length) or positive, got {self.T}.")
         if self.T != -1 and self.max_frames > self.T:
@@ -116,6 +122,17 @@ def parse_ema_rates(text):
     if not rates or not all(0 < r < 1 for r in rates):
         raise ConfigError(f"--ema_rate must be one or more rates in (0, 1), got '{text}'.")
     return rates
+
+
+def parse_adam_betas(text):
+    """--adam_betas as (beta1, beta2), each in [0, 1)."""
+    try:
+        betas = tuple(float(b) for b in str(text).split(","))
+    except ValueError:
+        raise ConfigError(f"--adam_betas must be two comma-separated numbers, got '{text}'.") from None
+    if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
+        raise ConfigError(f"--adam_betas must be two numbers in [0, 1) such as 0.9,0.999, got '{text}'.")
+    return betas
 
 
 def example_generators(seed, step, index):
@@ -229,7 +246,8 @@ class TrainLoop:
         self.params = list(model.parameters())
         dist_util.sync_params(self.params)  # before the EMA copies: every rank starts from rank 0's weights
         # foreach: one multi-tensor update instead of a Python loop over parameters (CPU default).
-        self.opt = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=config.weight_decay, foreach=True)
+        self.opt = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=config.weight_decay,
+                                     betas=parse_adam_betas(config.adam_betas), foreach=True)
         self.ema_params = [[p.detach().clone() for p in self.params] for _ in self.ema_rates]
         if self.world_size > 1:
             self.ddp_model = DDP(model, device_ids=[self.device] if self.device.type == "cuda" else None)
@@ -302,9 +320,20 @@ class TrainLoop:
     # ------------------------------------------------------------------ training
 
     def lr_at(self, step):
-        if not self.cfg.lr_anneal_steps:
-            return self.cfg.lr
-        return self.cfg.lr * max(0.0, 1 - step / self.cfg.lr_anneal_steps)
+        """The learning rate of step `step` (0-based): lr x warm-up factor x anneal factor.
+
+        Warm-up as Diffusion Forcing (df_base.py, `optimizer_step`): after optimizer step g
+        (0-based, g < warmup_steps) it sets lr * min(1, (g + 1) / warmup_steps), so step k >= 1
+        runs at lr * min(1, k / warmup_steps). Its step 0 runs at the full lr, the optimizer's
+        initial value; here step 0 runs at lr / warmup_steps like step 1, which avoids a
+        full-size first step from a random start.
+        """
+        lr = self.cfg.lr
+        if self.cfg.warmup_steps:
+            lr = lr * min(1.0, max(step, 1) / self.cfg.warmup_steps)
+        if self.cfg.lr_anneal_steps:
+            lr = lr * max(0.0, 1 - step / self.cfg.lr_anneal_steps)
+        return lr
 
     def done(self):
         if self.cfg.max_steps and self.step >= self.cfg.max_steps:
@@ -392,6 +421,11 @@ class TrainLoop:
         if not dist_util.all_ranks_agree(math.isfinite(total) and self.grads_finite()):
             return self.skip_step()
         self.nonfinite_in_a_row = 0
+        if self.cfg.grad_clip > 0:
+            # One global 2-norm over all parameters, as Lightning's gradient_clip_val (DF's
+            # exp_video.yaml: 1.0). Gradients are already averaged over ranks, so all agree.
+            norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip, foreach=True)
+            self.logger.logkv_mean("grad_norm", float(norm))
         self.opt.step()
         for rate, ema in zip(self.ema_rates, self.ema_params):
             update_ema(ema, self.params, rate)
@@ -425,16 +459,23 @@ class TrainLoop:
         x0 = x
         if part["noisy_obs"].any():
             # Observed frames shown slightly noisy (mixed mode): noise them to their own t.
-            x0 = self.diffusion.q_sample(x, t, part["obs_noise"], latent_mask=part["noisy_obs"])
+            obs_noise = self.diffusion.training_noise(part["obs_noise"])
+            x0 = self.diffusion.q_sample(x, t, obs_noise, latent_mask=part["noisy_obs"])
         # Loss on every frame that is not observed: latent and padding frames (FDM).
         loss_mask = 1 - obs_mask if self.cfg.pad_with_random_frames else latent_mask
         model_kwargs = {"x0": x0, "frame_indices": part["frame_indices"], "obs_mask": obs_mask,
                         "latent_mask": latent_mask}
+        B, K = loss_mask.shape[:2]
+        # SNR loss weights (diffusion/loss_weights): clean observed frames are known; the running
+        # SNR goes over the example's own frames (observed and latent), not over padding frames.
+        known = (obs_mask > 0) & ~(part["noisy_obs"] > 0)
+        frame_weights = self.diffusion.loss_frame_weights(t, K, known=known.view(B, K),
+                                                          in_sequence=((obs_mask + latent_mask) > 0).view(B, K))
         frame_terms = self.diffusion.training_losses(self.ddp_model, x, t, model_kwargs, noise=part["noise"],
-                                                     latent_mask=loss_mask, per_frame_terms=True)
+                                                     latent_mask=loss_mask, per_frame_terms=True,
+                                                     frame_weights=frame_weights)
         # Each trained frame's loss times its timestep's importance weight, averaged over the
         # example's trained frames (with uniform timesteps every weight is 1).
-        B, K = loss_mask.shape[:2]
         trained = loss_mask.view(B, K)
         weights = part["weights"].view(B, -1)
         count = trained.sum(1).clamp(min=1)
