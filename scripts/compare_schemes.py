@@ -35,12 +35,15 @@ def create_argparser():
     p.add_argument("--max_frames", type=int, default=-1, help="frames per stage (-1: the training max_frames)")
     p.add_argument("--max_latent_frames", type=int, default=-1, help="new frames per stage (-1: each scheme's default)")
     p.add_argument("--timestep_respacing", default="")
-    p.add_argument("--use_ddim", type=cli.str2bool, default=False)
+    p.add_argument("--use_ddim", type=cli.str2bool, default=None,
+                   help="default False; with --df_config, True when the DF config samples fewer levels than its steps")
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--metrics", default="", help=f"comma-separated, from {','.join(METRICS)} (default: all that apply)")
     p.add_argument("--i3d_path", default=None, help="TorchScript I3D (StyleGAN-V's i3d_torchscript.pt), for FVD")
     p.add_argument("--out_dir", default=None, help="default: results/<run>/<checkpoint>/compare_schemes")
+    p.add_argument("--df_config", default=None,
+                   help="DF's config (JSON) of a Diffusion Forcing checkpoint: its network and sampler settings")
     return p
 
 

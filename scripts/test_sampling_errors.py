@@ -50,6 +50,8 @@ def files(tmp_path_factory):
     os.chmod(d / "unreadable.pt", 0)
     (d / "a_file").write_text("not a folder")
     (d / "schedule.json").write_text("{not json")
+    (d / "list.json").write_text("[1, 2]")
+    (d / "df_config.json").write_text('{"diffusion": {"timesteps": 100, "architecture": {}}}')
     return d
 
 
@@ -119,6 +121,15 @@ VIDEO_SAMPLE_FLAGS = [
     (["--clip_denoised", "perhaps"], "--clip_denoised"),
     (["--eta", "-0.5"], "eta"),
     (["--eta", "inf"], "eta"),
+    (["--stabilization", "sometimes"], "--stabilization"),
+    (["--stabilization", "df"], "stabilization_level"),  # df needs a level >= 1
+    (["--sampling_scheme", "df-pyramid", "--stabilization_level", "0"], "stabilization_level"),
+    (["--clip_noise", "-1"], "clip_noise"),
+    (["--clip_noise", "nan"], "clip_noise"),
+    (["--df_config", FILE + "missing.json"], "missing.json"),
+    (["--df_config", FILE + "schedule.json"], "schedule.json"),  # not JSON
+    (["--df_config", FILE + "list.json"], "list.json"),  # JSON, but not DF's config
+    (["--df_config", FILE + "df_config.json"], "resolution"),  # DF's config without the image size
     (["--batch_size", "0"], "--batch_size"),
     (["--batch_invariant", "sometimes"], "--batch_invariant"),
     (["--start_index", "-1"], "--start_index"),
@@ -173,6 +184,7 @@ def test_bad_checkpoints(capsys, files, name):
     (["--max_latent_frames", "6"], "max_latent_frames"),
     (["--timestep_respacing", "abc"], "timestep_respacing"),
     (["--use_ddim", "maybe"], "--use_ddim"),
+    (["--df_config", FILE + "missing.json"], "missing.json"),
     (["--metrics", "nope"], "--metrics"),
     (["--metrics", "fvd"], "--i3d_path"),
     (["--metrics", "fvd", "--i3d_path", FILE + "missing_i3d.pt"], "missing_i3d.pt"),

@@ -218,3 +218,35 @@ def test_script_exits_2_without_traceback(tmp_path):
                             cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert result.stderr == f"video_sample.py: error: Checkpoint '{tmp_path / 'missing.pt'}' does not exist.\n"
+
+
+REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
+
+
+def test_a_df_checkpoint_samples_with_dfs_sampler_and_any_plan(capsys, tmp_path):
+    """--df_config loads DF's checkpoint; unset sampler flags take DF's config, given ones win; FDM plans run."""
+    if not (REFERENCE / "df_small32.ckpt").is_file():
+        pytest.skip("../shared/reference is absent")
+    ckpt, df_config = REFERENCE / "df_small32.ckpt", REFERENCE / "df_small32_config.json"
+    # One stage of DF's 10 levels (11 network calls of ~0.4 s on a CPU core).
+    code, _, err = run(capsys, ckpt, "--df_config", df_config, "--sampling_scheme", "df-pyramid", "--T", 4,
+                       "--max_frames", 6, "--max_latent_frames", 2, "--n_obs", 2, "--stop_index", 1,
+                       "--eval_dir", tmp_path / "df")
+    assert code == 0, err
+    config = json.loads((tmp_path / "df" / "sampling_config.json").read_text())
+    assert config["df_config"] == str(df_config)
+    assert {k: config[k] for k in ("stabilization", "stabilization_level", "sampling_steps", "use_ddim", "eta",
+                                   "clip_noise", "clip_denoised")} == dict(
+        stabilization="df", stabilization_level=15, sampling_steps=10, use_ddim=True, eta=0.0, clip_noise=6.0,
+        clip_denoised=False)
+    sample = np.load(tmp_path / "df" / "samples" / "sample_0000-0.npy")
+    given = get_dataset("bouncing_balls", split="test", T=2, image_size=32).frames(0)[:2].transpose(0, 3, 1, 2)
+    assert sample.shape == (4, 3, 32, 32) and np.array_equal(sample[:2], given) and sample[2:].std() > 0
+
+    code, _, err = run(capsys, ckpt, "--df_config", df_config, "--sampling_scheme", "hierarchy-2", "--T", 6,
+                       "--max_frames", 4, "--n_obs", 2, "--sampling_steps", 2, "--stop_index", 1,
+                       "--eval_dir", tmp_path / "h2")
+    assert code == 0, err
+    config = json.loads((tmp_path / "h2" / "sampling_config.json").read_text())
+    assert (config["plan"], config["stabilization"], config["sampling_steps"]) == ("hierarchy-2", "df", 2)
+    assert np.load(tmp_path / "h2" / "samples" / "sample_0000-0.npy").shape == (6, 3, 32, 32)

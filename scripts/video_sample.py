@@ -3,6 +3,8 @@
     python scripts/video_sample.py checkpoints/<run>/ema_0.9999_010000.pt --sampling_scheme hierarchy-2 \
         --noise_schedule pyramid --T 64 --stop_index 2
     python scripts/video_sample.py <checkpoint> --sampling_scheme stabilized-autoreg --T 1000   # 10x+ rollouts
+    python scripts/video_sample.py df_model.ckpt --df_config df_config.json --sampling_scheme df-pyramid \
+        --T 64 --max_frames 16 --n_obs 4   # a Diffusion Forcing checkpoint, with DF's sampler settings
 
 Conditions on the first n_obs frames of test videos and generates the rest stage by stage
 (improved_diffusion.sampling.run.sample_dataset). Writes <eval_dir>/sampling_config.json and
@@ -21,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from improved_diffusion import cli, dist_util  # noqa: E402
 from improved_diffusion.sampling.noise_schedules import noise_schedules  # noqa: E402
 from improved_diffusion.sampling.run import sample_dataset  # noqa: E402
-from improved_diffusion.sampling.scheme import PRESETS  # noqa: E402
+from improved_diffusion.sampling.scheme import PRESETS, STABILIZATIONS  # noqa: E402
 
 
 def create_argparser():
@@ -39,10 +41,19 @@ def create_argparser():
                    help="within-stage schedule (default: the scheme's, full_sequence for FDM plans)")
     p.add_argument("--uncertainty_scale", type=float, default=None, help="pyramid/trapezoid lag per frame (default 1)")
     p.add_argument("--stabilization_level", type=int, default=None,
-                   help="show generated observed frames at timestep k - 1 of the training chain (0: off)")
+                   help="show observed frames at timestep k - 1 of the training chain (0: off; default: the "
+                        "scheme's, or the DF config's)")
+    p.add_argument("--stabilization", default=None, choices=list(STABILIZATIONS),
+                   help="generated: only frames the model generated, with fresh noise (ours); df: every observed "
+                        "frame, scaled without noise, with DF's update (default: df for df-* presets and DF "
+                        "checkpoints)")
+    p.add_argument("--clip_noise", type=float, default=None,
+                   help="clamp the sampler's Gaussian noise (and a pred_noise output under df) to +-this "
+                        "(0: off; default: the checkpoint's)")
     p.add_argument("--chunk_size", type=int, default=None,
                    help="> 0: sliding window (window = max_frames) generating this many frames per stage")
-    p.add_argument("--sampling_steps", type=int, default=0, help="noise levels per stage (0: diffusion steps)")
+    p.add_argument("--sampling_steps", type=int, default=None,
+                   help="noise levels per stage (0: diffusion steps; default 0, a DF config's sampling_timesteps)")
     p.add_argument("--optimality", default=None, help="optimal schedule file (stage -> observed frames)")
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--batch_invariant", type=cli.str2bool, default=True,
@@ -52,9 +63,13 @@ def create_argparser():
     p.add_argument("--stop_index", type=int, default=-1, help="-1: every test video")
     p.add_argument("--sample_idx", type=int, default=0, help="which sample of each video (seeds differ)")
     p.add_argument("--timestep_respacing", default="")
-    p.add_argument("--use_ddim", type=cli.str2bool, default=False)
-    p.add_argument("--eta", type=float, default=0.0)
-    p.add_argument("--clip_denoised", type=cli.str2bool, default=True)
+    p.add_argument("--use_ddim", type=cli.str2bool, default=None,
+                   help="default False; with a DF config, True when sampling_steps < its timesteps")
+    p.add_argument("--eta", type=float, default=None, help="DDIM's eta (default 0, a DF config's ddim_sampling_eta)")
+    p.add_argument("--clip_denoised", type=cli.str2bool, default=None,
+                   help="clip x0 predictions to [-1, 1] (default True; False for df-* presets and DF checkpoints)")
+    p.add_argument("--df_config", default=None,
+                   help="DF's config (JSON) of a Diffusion Forcing checkpoint: its network and sampler settings")
     p.add_argument("--dataset", default=None, help="dataset of the given frames (default: the checkpoint's)")
     p.add_argument("--eval_dir", default=None)
     p.add_argument("--device", default=None)

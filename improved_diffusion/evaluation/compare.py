@@ -4,7 +4,9 @@ Every scheme samples test videos 0..n_videos-1 with `sample_dataset` into <out_d
 (existing samples are kept, so an interrupted comparison resumes), is scored as by video_eval.py,
 and report.md / report.html are written (report.py). Every scheme gets the same n_obs (default
 max_frames - max_latent_frames), so all are conditioned on the same frames. All settings, and
-every scheme, are checked before anything is sampled.
+every scheme, are checked before anything is sampled. A Diffusion Forcing checkpoint needs
+`df_config` (DF's config); every scheme then samples with DF's sampler settings, as in
+`sampling.run.sample_dataset`.
 """
 
 import os
@@ -12,10 +14,10 @@ import os
 import torch.distributed as dist
 
 from .. import dist_util
-from ..checkpoints import read_model_checkpoint
 from ..data.datasets import get_dataset
 from ..errors import ConfigError, UserError
-from ..sampling.run import DEFAULT, check_folder, default_eval_dir, sample_dataset, scheme_for_checkpoint, size_flag
+from ..sampling.run import (DEFAULT, check_folder, checkpoint_config, default_eval_dir, sample_dataset,
+                            sampler_defaults, scheme_for_checkpoint, size_flag)
 from .evaluate import parse_metrics
 from .report import check_settings_file, evaluate_schemes, load_runs, parse_schemes, sample_schemes, write_report
 
@@ -23,12 +25,13 @@ DEFAULT_SCHEMES = "autoreg,long-range,hierarchy-2,df-pyramid"
 
 
 def compare_schemes(checkpoint_path, schemes=DEFAULT_SCHEMES, *, n_videos=8, T=DEFAULT, n_obs=DEFAULT,
-                    max_frames=DEFAULT, max_latent_frames=DEFAULT, timestep_respacing="", use_ddim=False,
-                    batch_size=8, seed=0, metrics="", i3d_path=None, out_dir=None):
+                    max_frames=DEFAULT, max_latent_frames=DEFAULT, timestep_respacing="", use_ddim=None,
+                    batch_size=8, seed=0, metrics="", i3d_path=None, out_dir=None, df_config=None):
     """Sample, score and report each scheme of the comma-separated `schemes`; returns (report.md, report.html).
 
-    Under MPI every rank calls this and samples its share; rank 0 scores and writes the report
-    (other ranks return None).
+    use_ddim None: the checkpoint config's choice (a DF config's), else False. Under MPI every
+    rank calls this and samples its share; rank 0 scores and writes the report (other ranks
+    return None).
     """
     had_process_group = dist.is_initialized()
 
@@ -39,7 +42,9 @@ def compare_schemes(checkpoint_path, schemes=DEFAULT_SCHEMES, *, n_videos=8, T=D
             raise ConfigError(f"--{flag} must be at least 1, got {value}.")
     if seed < 0:
         raise ConfigError(f"--seed must be at least 0, got {seed}.")
-    config = dict(read_model_checkpoint(checkpoint_path)["config"])
+    config, _ = checkpoint_config(checkpoint_path, df_config)
+    if use_ddim is None:
+        use_ddim = sampler_defaults(config).get("use_ddim", False)
     K = size_flag("max_frames", max_frames, int(config.get("max_frames") or 20))
     S = size_flag("max_latent_frames", max_latent_frames, None)
     n_obs = size_flag("n_obs", n_obs, K - (S or K // 2), minimum=0)
@@ -61,15 +66,18 @@ def compare_schemes(checkpoint_path, schemes=DEFAULT_SCHEMES, *, n_videos=8, T=D
         raise ConfigError(f"--i3d_path {i3d_path} is not a file.")
     out_dir = out_dir or default_eval_dir(checkpoint_path, config, "compare_schemes")
     check_folder("out_dir", out_dir)
-    settings = dict(checkpoint=os.path.abspath(checkpoint_path), T=scheme.T,  # every scheme has the same T n_obs=n_obs, max_frames=K,
-                    max_latent_frames=S, timestep_respacing=timestep_respacing, use_ddim=use_ddim, seed=seed)
+    settings = dict(checkpoint=os.path.abspath(checkpoint_path), T=scheme.T,  # every scheme has the same T
+                    n_obs=n_obs, max_frames=K, max_latent_frames=S, timestep_respacing=timestep_respacing,
+                    use_ddim=use_ddim, seed=seed)
+    if df_config is not None:
+        settings["df_config"] = df_config if isinstance(df_config, dict) else os.path.abspath(df_config)
     rank, _ = dist_util.setup_dist()
     check_settings_file(out_dir, settings, write=rank == 0)
 
     # ---- sample every scheme (each rank its share of the videos)
     def sample(name, eval_dir):
         sample_dataset(checkpoint_path, name, eval_dir=eval_dir, stop_index=n_videos, batch_size=batch_size,
-                       seed=seed, **scheme_args)
+                       seed=seed, df_config=df_config, **scheme_args)
 
     sample_schemes(names, sample, out_dir, n_videos)
 

@@ -4,6 +4,7 @@
     noise_schedules.py  within-stage noise-level matrices
     scheme.py           Scheme: one plan x schedule x stabilization, its presets, checks and JSON
     sampler.py          the stage sampler that runs a Scheme on a model
+    df_step.py          Diffusion Forcing's per-frame update and context display (stabilization "df")
     run.py              sampling a dataset's test videos into a results folder (video_sample.py)
     describe.py         a Scheme shown without a model (video_schedule.py)
     plan_picture.py     a plan drawn as FDM's figure

@@ -11,6 +11,13 @@ under `mpiexec -n N` (videos split across ranks) or with another batch size the 
 Every flag is checked, and the scheme validated, before the model is loaded: a problem the user
 can fix raises a one-sentence UserError. Size flags take -1 for "the default" (the checkpoint's
 value), as FDM's scripts do; other values must be in range.
+
+A Diffusion Forcing checkpoint (weights only; DF keeps its settings in a hydra config) is read
+with `df_config` (a JSON file or dict of DF's config, as ../shared/reference/df_small32_config.json).
+Sampler settings the user leaves unset (None) come from the checkpoint's config where it has them
+(`sampler_defaults`): a DF config gives DF's sampler (stabilization "df" at its
+stabilization_level, its ddim_sampling_eta, sampling_timesteps levels per stage with DDIM when they
+are fewer than its timesteps, its clip_noise, no x0 clipping), so every plan runs on a DF model.
 """
 
 import os
@@ -20,7 +27,7 @@ import numpy as np
 import torch
 
 from .. import dist_util
-from ..checkpoints import load_checkpoint, read_model_checkpoint
+from ..checkpoints import df_to_config, load_checkpoint, read_df_checkpoint, read_df_config, read_model_checkpoint
 from ..cli import dataclass_from_dict
 from ..data.datasets import get_dataset
 from ..data.pixels import to_uint8
@@ -29,7 +36,7 @@ from ..errors import ConfigError
 from ..results import sample_path, write_sampling_config
 from .plan_picture import draw_plan
 from .sampler import one_video_at_a_time, sample_with_scheme, video_generator
-from .scheme import Scheme
+from .scheme import Scheme, check_settings
 
 DEFAULT = -1  # a size flag's "use the default"
 
@@ -43,13 +50,51 @@ def size_flag(flag, value, default, minimum=1):
     return value
 
 
+def checkpoint_config(checkpoint_path, df_config=None):
+    """(flat config, file contents) of a checkpoint, read once and before any model is built.
+
+    With `df_config` the checkpoint is DF's (its file holds weights, no config) and the config is
+    DF's translated to ours (`checkpoints.df_to_config`); otherwise it is ours or FDM's.
+    """
+    if df_config is None:
+        data = read_model_checkpoint(checkpoint_path)
+        return dict(data["config"]), data
+    config = df_to_config(read_df_config(df_config))
+    return config, read_df_checkpoint(checkpoint_path)
+
+
+def sampler_defaults(config):
+    """Stage settings a checkpoint's config implies, for the ones the user leaves unset.
+
+    clip_noise (ours and DF's) bounds the sampler's Gaussian draws as it bounded training's. A DF
+    config (`sampling_timesteps` present) asks for DF's sampler, as DF's `Diffusion` reads it
+    (algorithms/diffusion_forcing/models/diffusion.py): stabilization "df" at stabilization_level,
+    eta = ddim_sampling_eta, sampling_timesteps levels, DDIM when they are fewer than the timesteps
+    (`is_ddim_sampling`), x0_hat never clipped.
+    """
+    defaults = {}
+    if config.get("clip_noise"):
+        defaults["clip_noise"] = float(config["clip_noise"])
+    if "sampling_timesteps" in config:
+        S, N = int(config["sampling_timesteps"]), int(config.get("diffusion_steps", 1000))
+        level = int(config.get("stabilization_level", 0))
+        defaults.update(stabilization="df" if level >= 1 else "generated", stabilization_level=level,
+                        eta=float(config.get("ddim_sampling_eta", 0.0)), sampling_steps=S, use_ddim=S < N,
+                        clip_denoised=False)
+    return defaults
+
+
 def scheme_for_checkpoint(config, sampling_scheme, *, T=DEFAULT, n_obs=DEFAULT, max_frames=DEFAULT,
                           max_latent_frames=DEFAULT, **settings):
     """The validated Scheme for a checkpoint's flat `config`: -1 sizes take the checkpoint's values.
 
-    `settings`: the other keyword arguments of `Scheme.from_preset` (noise schedule, DDIM, ...).
-    max_frames may not exceed the checkpoint's: the model never saw more frames at once.
+    `settings`: the other keyword arguments of `Scheme.from_preset` (noise schedule, DDIM, ...);
+    those left None take `sampler_defaults(config)`, then the preset's. max_frames may not exceed
+    the checkpoint's: the model never saw more frames at once.
     """
+    defaults = sampler_defaults(config)
+    settings = {k: defaults.get(k) if v is None else v for k, v in settings.items()}
+    settings = {k: v for k, v in settings.items() if v is not None}
     trained_K = config.get("max_frames")
     K = size_flag("max_frames", max_frames, int(trained_K or 20))
     if trained_K and K > int(trained_K):
@@ -94,14 +139,17 @@ def check_device(device):
 
 def sample_dataset(checkpoint_path, sampling_scheme="autoreg", *, T=DEFAULT, n_obs=DEFAULT, max_frames=DEFAULT,
                    max_latent_frames=DEFAULT, noise_schedule=None, uncertainty_scale=None, stabilization_level=None,
-                   chunk_size=None, sampling_steps=0, optimality=None, timestep_respacing="", use_ddim=False,
-                   eta=0.0, clip_denoised=True, dataset=None, eval_dir=None, start_index=0, stop_index=DEFAULT,
-                   sample_idx=0, batch_size=8, batch_invariant=True, seed=0, device=None, just_visualise=False):
+                   chunk_size=None, sampling_steps=None, optimality=None, timestep_respacing="", use_ddim=None,
+                   eta=None, clip_denoised=None, stabilization=None, clip_noise=None, dataset=None, eval_dir=None,
+                   start_index=0, stop_index=DEFAULT, sample_idx=0, batch_size=8, batch_invariant=True, seed=0,
+                   device=None, just_visualise=False, df_config=None):
     """Sample test videos start_index..stop_index-1 (-1: all) with a scheme; returns the eval dir.
 
-    The scheme is the preset `sampling_scheme` with the given overrides (see `Scheme.from_preset`).
-    batch_invariant: call the model per video so samples are bit-identical for any batch size or
-    rank count. just_visualise: only draw the plan as <eval_dir>/plan.png and return that path.
+    The scheme is the preset `sampling_scheme` with the given overrides (see `Scheme.from_preset`;
+    None: the checkpoint config's, see `sampler_defaults`, else the preset's). batch_invariant:
+    call the model per video so samples are bit-identical for any batch size or rank count.
+    just_visualise: only draw the plan as <eval_dir>/plan.png and return that path. df_config: DF's
+    config, for a Diffusion Forcing checkpoint.
     """
     # ---- every setting is checked before the model is loaded
     for flag, value, minimum in (("batch_size", batch_size, 1), ("start_index", start_index, 0),
@@ -111,13 +159,13 @@ def sample_dataset(checkpoint_path, sampling_scheme="autoreg", *, T=DEFAULT, n_o
     if stop_index != DEFAULT and stop_index <= start_index:
         raise ConfigError(f"--stop_index {stop_index} must be larger than --start_index {start_index} "
                           "(or -1 for every test video).")
-    checkpoint = read_model_checkpoint(checkpoint_path)  # read once: config now, weights later
-    config = dict(checkpoint["config"])
+    config, checkpoint = checkpoint_config(checkpoint_path, df_config)  # read once: config now, weights later
     scheme = scheme_for_checkpoint(
         config, sampling_scheme, T=T, n_obs=n_obs, max_frames=max_frames, max_latent_frames=max_latent_frames,
         noise_schedule=noise_schedule, uncertainty_scale=uncertainty_scale, stabilization_level=stabilization_level,
         chunk_size=chunk_size, optimality=optimality, sampling_steps=sampling_steps, use_ddim=use_ddim, eta=eta,
-        clip_denoised=clip_denoised, timestep_respacing=timestep_respacing)
+        clip_denoised=clip_denoised, stabilization=stabilization, clip_noise=clip_noise,
+        timestep_respacing=timestep_respacing)
     eval_dir = str(eval_dir or default_eval_dir(checkpoint_path, config, scheme.folder_name()))
     check_folder("eval_dir", eval_dir)
 
@@ -147,9 +195,11 @@ def sample_dataset(checkpoint_path, sampling_scheme="autoreg", *, T=DEFAULT, n_o
         indices = indices[int(slurm_task) * batch_size: (int(slurm_task) + 1) * batch_size]
     indices = indices[rank::world_size]  # under mpiexec each rank samples (and writes) its share
     if rank == 0:
-        write_sampling_config(eval_dir, {"checkpoint": str(checkpoint_path), "dataset": dataset_name,
-                                         "image_size": image_size, "seed": seed, "data_seed": 0,
-                                         **scheme.to_dict()})
+        run_config = {"checkpoint": str(checkpoint_path), "dataset": dataset_name, "image_size": image_size,
+                      "seed": seed, "data_seed": 0}
+        if df_config is not None:
+            run_config["df_config"] = df_config if isinstance(df_config, dict) else str(df_config)
+        write_sampling_config(eval_dir, {**run_config, **scheme.to_dict()})
     todo = [i for i in indices if not os.path.exists(sample_path(eval_dir, i, sample_idx))]
     print(f"rank {rank}: {len(todo)} of {len(indices)} videos to sample into {os.path.join(eval_dir, 'samples')}",
           file=sys.stderr)
@@ -157,7 +207,9 @@ def sample_dataset(checkpoint_path, sampling_scheme="autoreg", *, T=DEFAULT, n_o
         return eval_dir
 
     # ---- the model, then one batch at a time; each video draws its noise from its own generator
-    model, diffusion, _ = load_checkpoint(checkpoint_path, scheme.timestep_respacing, device=device, data=checkpoint)
+    model, diffusion, _ = load_checkpoint(checkpoint_path, scheme.timestep_respacing, device=device, data=checkpoint,
+                                          df_config=df_config)
+    check_settings(scheme.stage, diffusion)  # the scheme was checked against the config; this is the diffusion
     if batch_invariant:
         model = one_video_at_a_time(model)
     os.makedirs(os.path.join(eval_dir, "samples"), exist_ok=True)

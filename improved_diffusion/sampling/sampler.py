@@ -11,12 +11,28 @@ timesteps as Diffusion Forcing maps them. Per row transition (one model call):
 - observed frames are told the largest timestep being denoised, so `full_sequence` with
   S = the diffusion's step count is exactly FDM's sampler (`p_sample_loop` /
   `ddim_sample_loop` on the stage);
-- with `stabilization_level` k > 0, observed frames that the model generated earlier are
-  shown noised to timestep k - 1 of the training chain and told that timestep (Diffusion
-  Forcing's stabilization, in its units). Their stored pixels never change.
+- with `stabilization_level` k > 0, observed frames are shown at timestep k - 1 of the
+  training chain and told that timestep (Diffusion Forcing's stabilization, in its units).
+  Their stored pixels never change. Two variants (`StageSettings.stabilization`):
+
+  - "generated" (ours, the default): only observed frames that the model generated earlier,
+    and latent frames finished earlier in the stage, are stabilized, each noised with fresh
+    noise by q_sample; given frames stay clean. The update is the diffusion's own
+    (`ddim_step` / `p_sample`), so level 0 is exactly FDM's sampler.
+  - "df" (Diffusion Forcing's `Diffusion.sample_step`, the df-* presets): EVERY observed frame,
+    given ones included, and every finished frame is stabilized; with DDIM it is shown as
+    sqrt(alpha_bar) * x with ZERO noise (DF's DDIM path), without DDIM noised with fresh noise
+    (DF's DDPM path). The update is DF's (df_step.py): a pred_noise output and every noise draw
+    are clamped to +-clip_noise, x0_hat is clipped only with clip_denoised. Needs k >= 1.
+
+- `clip_noise` > 0 clamps each stage's initial noise (and the sampler's other Gaussian draws)
+  to +-clip_noise, as DF does.
 
 Without DDIM every transition is one ancestral (DDPM) step, so a schedule with fewer
 levels than the diffusion has steps needs DDIM.
+
+`sample_video(..., initial_noise=...)` takes each stage's starting noise from the caller, so a
+trajectory of another codebase (e.g. DF's chunk noise) can be reproduced.
 
 Randomness comes from one torch.Generator per video, used only for that video's noise, so a
 video's sample does not depend on which other videos share its batch (or rank).
@@ -30,6 +46,7 @@ from ..diffusion.gaussian_diffusion import model_output_tensor
 from ..data.pixels import to_uint8
 from ..errors import ConfigError, ScheduleError
 from ..frame_batch import gather_frames
+from . import df_step
 from .noise_schedules import levels_to_timesteps, noise_levels
 from .scheme import Scheme, check_settings
 
@@ -83,14 +100,16 @@ def frame_batch(videos, obs_lists, latent_lists):
 
 @torch.no_grad()
 def sample_stage(model, diffusion, videos, obs_lists, latent_lists, settings, generated=None, generators=None,
-                 callback=None):
+                 callback=None, initial_noise=None):
     """Generate one stage's latent frames and write them into `videos` (in place).
 
     videos [B x T x C x H x W]; obs_lists/latent_lists: per video, lists of frame indices;
-    generated: bool [B x T], frames produced by the model so far (the ones stabilization applies
-    to; updated here); generators: one torch.Generator (or None: the global one) per video;
-    callback: called after every model call with a dict (row, previous, x, t_from, t_to, t_model,
-    pred_xstart), t_* being [B x K] timesteps per stage slot (-1: clean or not latent).
+    generated: bool [B x T], frames produced by the model so far (the ones "generated"
+    stabilization applies to; updated here); generators: one torch.Generator (or None: the global
+    one) per video; callback: called after every model call with a dict (row, previous, x, t_from,
+    t_to, t_model, pred_xstart), t_* being [B x K] timesteps per stage slot (-1: clean or not
+    latent); initial_noise: [B x max latent frames x C x H x W], the latent frames' starting noise
+    (used as given; None: drawn from the generators and clamped to +-clip_noise).
     """
     device = videos.device
     check_settings(settings, diffusion)
@@ -121,7 +140,25 @@ def sample_stage(model, diffusion, videos, obs_lists, latent_lists, settings, ge
     def as_mask(flags):
         return flags.view(B, K, 1, 1, 1).to(device)
 
-    x = torch.where(latent_mask.bool(), draw_noise(x0.shape, counts, generators, device), x0)
+    clip_noise = settings.clip_noise
+
+    def noise_like():
+        return df_step.clamp_noise(draw_noise(x0.shape, counts, generators, device), clip_noise)
+
+    if initial_noise is None:
+        start = noise_like()
+    else:
+        if tuple(initial_noise.shape) != (B, max(n_lat), *x0.shape[2:]):
+            raise ValueError(f"initial_noise must be [B x latent frames x C x H x W] = "
+                             f"{[B, max(n_lat), *x0.shape[2:]]}, got {list(initial_noise.shape)}.")
+        start = torch.zeros_like(x0)
+        for b in range(B):
+            start[b, n_obs[b]: counts[b]] = initial_noise[b, : n_lat[b]].to(device, x0.dtype)
+    x = torch.where(latent_mask.bool(), start, x0)
+    if settings.stabilization == "df":
+        return finish_stage(videos, latent_lists, n_obs, generated,
+                            df_stage_loop(model, diffusion, x, x0, frame_indices, is_obs, is_latent, column,
+                                          timesteps, settings, stab_t, noise_like, callback))
     for m in range(len(timesteps) - 1):
         t_from, t_to = per_slot(m), per_slot(m + 1)
         moving = is_latent & (t_to != t_from)
@@ -134,7 +171,7 @@ def sample_stage(model, diffusion, videos, obs_lists, latent_lists, settings, ge
         if settings.stabilization_level:
             noisy = stabilized | done
             t_model = torch.where(noisy, torch.full_like(t_model, stab_t), t_model)
-            stab_noise = draw_noise(x.shape, counts, generators, device)
+            stab_noise = noise_like()
             t_noisy = torch.full((B, K), stab_t, dtype=torch.long, device=device)
             shown = diffusion.q_sample(shown, t_noisy, stab_noise, latent_mask=as_mask(noisy))
         kwargs = {
@@ -146,19 +183,78 @@ def sample_stage(model, diffusion, videos, obs_lists, latent_lists, settings, ge
         move_mask = as_mask(moving).float()
         t_model_dev = t_model.to(device)
         if settings.use_ddim:
-            step_noise = draw_noise(x.shape, counts, generators, device) if settings.eta > 0 else None
+            step_noise = noise_like() if settings.eta > 0 else None
             t_next = torch.where(moving, t_to, t_model).to(device)
             out = diffusion.ddim_step(model, x, t_model_dev, t_next, settings.clip_denoised, model_kwargs=kwargs,
                                       latent_mask=move_mask, eta=settings.eta, noise=step_noise)
         else:  # check_settings guarantees that every moving frame drops exactly one step
-            step_noise = draw_noise(x.shape, counts, generators, device)
+            step_noise = noise_like()
             out = diffusion.p_sample(model, x, t_model_dev, settings.clip_denoised, model_kwargs=kwargs,
                                      latent_mask=move_mask, noise=step_noise)
         previous, x = x, out["sample"]
         if callback is not None:
             callback({"row": m, "previous": previous, "x": x, "t_from": t_from, "t_to": t_to, "t_model": t_model,
                       "pred_xstart": out["pred_xstart"]})
-    for b in range(B):
+    return finish_stage(videos, latent_lists, n_obs, generated, x)
+
+
+def df_stage_loop(model, diffusion, x, x0, frame_indices, is_obs, is_latent, column, timesteps, settings, stab_t,
+                  noise_like, callback):
+    """The rows of one stage with Diffusion Forcing's `sample_step` (stabilization "df"); returns the final x.
+
+    Per row, as DF's `ddim_sample_step` / `ddpm_sample_step`: every frame at level -1 (observed
+    slots, padding, latent frames finished earlier in the stage) is context, shown at timestep
+    stab_t (k - 1) as sqrt(alpha_bar) * x (DDIM: zero noise; DDPM: plus fresh noise); every other
+    frame is shown as it is at its own timestep; frames whose timestep changes get DF's update,
+    all others keep their values exactly. The shown values go to the network both as x and as x0
+    (with obs_mask marking the context), so a network reading either sees DF's input.
+    """
+    B, K = column.shape
+    device = x.device
+
+    def per_slot(row):
+        return torch.where(is_latent, timesteps[row][column.clamp(min=0)], torch.full_like(column, -1))
+
+    def as_mask(flags):
+        return flags.view(B, K, 1, 1, 1).to(device)
+
+    t_stab = torch.full((B, K), stab_t, dtype=torch.long, device=device)
+    for m in range(len(timesteps) - 1):
+        t_from, t_to = per_slot(m), per_slot(m + 1)
+        moving = is_latent & (t_to != t_from)
+        if not moving.any():
+            continue  # DF calls the network here too, but changes no frame
+        context = t_from < 0  # observed slots, padding and frames finished in this stage
+        t_model = torch.where(context, torch.full_like(t_from, stab_t), t_from)
+        context_noise = None if settings.use_ddim else noise_like()
+        shown = torch.where(as_mask(context), df_step.show_context(diffusion, x, t_stab, context_noise), x)
+        kwargs = {
+            "x0": shown,
+            "frame_indices": frame_indices,
+            "obs_mask": as_mask(context & (is_obs | is_latent)).float(),
+            "latent_mask": as_mask(~context).float(),
+        }
+        t_model_dev = t_model.to(device)
+        if settings.use_ddim:
+            step_noise = noise_like() if settings.eta > 0 else None
+            update, pred_xstart = df_step.ddim_step(
+                diffusion, model, shown, t_model_dev, torch.where(moving, t_to, t_model).to(device), kwargs,
+                eta=settings.eta, clip_noise=settings.clip_noise, clip_denoised=settings.clip_denoised,
+                noise=step_noise)
+        else:  # check_settings guarantees that every moving frame drops exactly one step
+            update, pred_xstart = df_step.ddpm_step(
+                diffusion, model, shown, t_model_dev, kwargs, noise_like(), clip_noise=settings.clip_noise,
+                clip_denoised=settings.clip_denoised)
+        previous, x = x, torch.where(as_mask(moving), update, x)
+        if callback is not None:
+            callback({"row": m, "previous": previous, "x": x, "t_from": t_from, "t_to": t_to, "t_model": t_model,
+                      "pred_xstart": pred_xstart})
+    return x
+
+
+def finish_stage(videos, latent_lists, n_obs, generated, x):
+    """Write the stage's latent slots of x into `videos` and mark them generated; returns videos."""
+    for b in range(len(latent_lists)):
         for j, frame in enumerate(latent_lists[b]):  # in order, so a repeated latent frame keeps its last copy
             videos[b, frame] = x[b, n_obs[b] + j]
             if generated is not None:
@@ -185,13 +281,16 @@ def one_video_at_a_time(model):
     return call
 
 
-def sample_video(model, diffusion, videos, n_obs, plan, settings, generators=None, progress=False, callback=None):
+def sample_video(model, diffusion, videos, n_obs, plan, settings, generators=None, progress=False, callback=None,
+                 initial_noise=None):
     """Fill frames n_obs.. of `videos` [B x T x C x H x W] stage by stage along `plan`; returns a new tensor.
 
     `plan` is a plan object (plans.py; `Scheme.make_plan()`), asked for each stage with the videos
     so far. settings: StageSettings. generators: one torch.Generator per video (see
     `video_generator`), or None for torch's global one. callback: see `sample_stage`; its dict
-    also holds the stage number.
+    also holds the stage number. initial_noise: None, or a list with one tensor per stage
+    [B x new frames x C x H x W], that stage's starting noise (to reproduce another sampler's
+    trajectory).
     """
     check_settings(settings, diffusion)
     videos = videos.clone()
@@ -202,8 +301,13 @@ def sample_video(model, diffusion, videos, n_obs, plan, settings, generators=Non
     stage_number = 0
     while (stage := plan.next_stage(videos)) is not None:
         stage_callback = None if callback is None else (lambda info, s=stage_number: callback({"stage": s, **info}))
+        stage_noise = None
+        if initial_noise is not None:
+            if stage_number >= len(initial_noise):
+                raise ValueError(f"initial_noise has {len(initial_noise)} tensors, but the plan has more stages.")
+            stage_noise = initial_noise[stage_number]
         sample_stage(model, diffusion, videos, stage.obs, stage.latent, settings, generated, generators,
-                     stage_callback)
+                     stage_callback, stage_noise)
         stage_number += 1
         bar.update(1)
     bar.close()

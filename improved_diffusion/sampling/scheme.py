@@ -12,6 +12,12 @@ of noise levels, DDIM) and the diffusion's respacing. It is
 - the one source of a results folder's name (`folder_name`), of the plan's stages (`stages`) and
   of the plan object the sampler drives (`make_plan`).
 
+Stabilization comes in two variants (`StageSettings.stabilization`, saved in the JSON and named in
+the folder): "generated" (`_stab<k>`), ours, stabilizes only observed frames the model generated,
+noising them with fresh noise; "df" (`_dfstab<k>`), Diffusion Forcing's `sample_step` and the
+df-* presets' behaviour, shows every observed frame, given ones included, at timestep k - 1 scaled by
+sqrt(alpha_bar) with zero noise, and uses DF's update (sampler.py, df_step.py).
+
 To add a setting (guidance, a cache, MCMC refinement...): give `StageSettings` (or `Scheme`) a field
 with a default that means "off", check it in `check_settings`, and name it in `folder_name` when it
 is on. JSON written before the field existed then reads back with the default.
@@ -28,17 +34,30 @@ from .noise_schedules import noise_levels, noise_schedules
 from .plans import plan_stages, sampling_schemes, validate_plan_args
 
 
+STABILIZATIONS = ("generated", "df")
+
+
 @dataclass(frozen=True)
 class StageSettings:
-    """How one stage's latent frames are denoised (sampler.py reads these)."""
+    """How one stage's latent frames are denoised (sampler.py reads these; its docstring has the details).
+
+    stabilization names how observed frames are shown and which update is used:
+    "generated" (ours): only observed frames the model generated are stabilized, noised with fresh
+    noise; improved-diffusion's DDIM/DDPM update. "df" (Diffusion Forcing's `sample_step`): every
+    observed frame, given ones included, is shown at timestep k - 1 scaled by sqrt(alpha_bar) with
+    zero noise (DDIM); DF's update (df_step.py), which clamps a pred_noise output and every noise draw
+    to +-clip_noise. clip_noise also bounds the initial noise of a stage (0: no bound).
+    """
 
     noise_schedule: str = "full_sequence"
     uncertainty_scale: float = 1.0
     sampling_steps: int = 0  # levels per schedule; 0: the diffusion's number of (respaced) steps
-    stabilization_level: int = 0  # 0: off; k: generated observed frames at timestep k - 1 of the training chain
+    stabilization_level: int = 0  # 0: off; k: observed frames shown at timestep k - 1 of the training chain
     use_ddim: bool = False
     eta: float = 0.0
     clip_denoised: bool = True
+    stabilization: str = "generated"  # "generated" | "df", see above
+    clip_noise: float = 0.0  # 0: Gaussian draws are not clamped
 
 
 def training_steps(diffusion):
@@ -59,6 +78,15 @@ def check_settings(settings, diffusion=None):
         raise ConfigError(f"stabilization_level must be 0 (off) or positive, got {settings.stabilization_level}.")
     if not (math.isfinite(settings.eta) and settings.eta >= 0):
         raise ConfigError(f"eta must be a finite number >= 0, got {settings.eta}.")
+    if settings.stabilization not in STABILIZATIONS:
+        raise ConfigError(f"unknown stabilization {settings.stabilization!r}; valid names are "
+                          f"{', '.join(STABILIZATIONS)}.")
+    if settings.stabilization == "df" and settings.stabilization_level < 1:
+        raise ConfigError("stabilization 'df' shows observed frames at timestep stabilization_level - 1, so it "
+                          f"needs stabilization_level >= 1, got {settings.stabilization_level}; pass "
+                          "--stabilization generated to show them clean.")
+    if not (math.isfinite(settings.clip_noise) and settings.clip_noise >= 0):
+        raise ConfigError(f"clip_noise must be 0 (no bound) or a positive number, got {settings.clip_noise}.")
     if diffusion is None:
         return
     N = diffusion.num_timesteps
@@ -82,18 +110,24 @@ class Preset:
     uncertainty_scale: float = 1.0
     stabilization_level: int = 0
     chunk_size: Optional[int] = 0
+    stabilization: str = "generated"
+    clip_denoised: bool = True
 
 
 # Every plan name is a preset with FDM's behaviour: full_sequence, no stabilization, no chunking.
-# The two Diffusion Forcing presets roll out a sliding window of max_frames frames with stabilization:
+# The two Diffusion Forcing presets roll out a sliding window of max_frames frames with DF's sampler
+# (stabilization "df": every context frame shown at timestep 14 of the 1000-step training chain,
+# scaled without noise; DF's update, which never clips x0_hat):
 # - df-pyramid: max_frames // 2 new frames per stage, pyramid schedule with uncertainty_scale 1 (DF's
-#   default), stabilization_level 15 (DF's df_video setting: generated context frames are shown to the
-#   model noised to timestep 14 of the 1000-step training chain);
+#   default), stabilization_level 15 (DF's df_video setting);
 # - stabilized-autoreg: one new frame per stage, all noise levels falling together, stabilization 15.
+# --stabilization generated gives them our variant (only generated frames, fresh noise).
 PRESETS = {
     **{name: Preset(plan=name, chunk_size=None if name == "sliding-window" else 0) for name in sampling_schemes},
-    "df-pyramid": Preset(plan="sliding-window", noise_schedule="pyramid", stabilization_level=15, chunk_size=None),
-    "stabilized-autoreg": Preset(plan="sliding-window", stabilization_level=15, chunk_size=1),
+    "df-pyramid": Preset(plan="sliding-window", noise_schedule="pyramid", stabilization_level=15, chunk_size=None,
+                         stabilization="df", clip_denoised=False),
+    "stabilized-autoreg": Preset(plan="sliding-window", stabilization_level=15, chunk_size=1, stabilization="df",
+                                 clip_denoised=False),
 }
 
 
@@ -116,8 +150,8 @@ class Scheme:
     @classmethod
     def from_preset(cls, name, *, T, max_frames, n_obs=None, max_latent_frames=None, noise_schedule=None,
                     uncertainty_scale=None, stabilization_level=None, chunk_size=None, optimality=None,
-                    sampling_steps=0, use_ddim=False, eta=0.0, clip_denoised=True, timestep_respacing="",
-                    diffusion_config=None):
+                    sampling_steps=0, use_ddim=False, eta=0.0, clip_denoised=None, timestep_respacing="",
+                    stabilization=None, clip_noise=0.0, diffusion_config=None):
         """The preset `name` with the given overrides (None: the preset's), validated.
 
         The step size is `max_latent_frames`, or max_frames // 2 when that is None. A chunk_size > 0
@@ -144,7 +178,10 @@ class Scheme:
             uncertainty_scale=float(preset.uncertainty_scale if uncertainty_scale is None else uncertainty_scale),
             sampling_steps=sampling_steps,
             stabilization_level=preset.stabilization_level if stabilization_level is None else stabilization_level,
-            use_ddim=bool(use_ddim), eta=float(eta), clip_denoised=bool(clip_denoised),
+            use_ddim=bool(use_ddim), eta=float(eta),
+            clip_denoised=bool(preset.clip_denoised if clip_denoised is None else clip_denoised),
+            stabilization=preset.stabilization if stabilization is None else stabilization,
+            clip_noise=float(clip_noise),
         )
         scheme = cls(sampling_scheme=name, plan=plan, T=T, n_obs=max_frames - step if n_obs is None else n_obs,
                      max_frames=max_frames, step_size=step,
@@ -222,12 +259,18 @@ class Scheme:
         name = f"{self.sampling_scheme}_K{self.max_frames}_S{self.step_size}_obs{self.n_obs}_T{self.T}"
         if st.noise_schedule != "full_sequence":
             name += f"_{st.noise_schedule}{st.uncertainty_scale:g}"
-        if st.stabilization_level:
+        if st.stabilization == "df":
+            name += f"_dfstab{st.stabilization_level}"
+        elif st.stabilization_level:
             name += f"_stab{st.stabilization_level}"
         if st.sampling_steps:
             name += f"_steps{st.sampling_steps}"
         if st.use_ddim:
             name += "_ddim" if st.eta == 0 else f"_ddim{st.eta:g}"
+        if st.clip_noise:
+            name += f"_clipnoise{st.clip_noise:g}"
+        if not st.clip_denoised:
+            name += "_noclip"
         if self.timestep_respacing:
             name += f"_{self.timestep_respacing}"
         return name

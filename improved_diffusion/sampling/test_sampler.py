@@ -162,13 +162,15 @@ def test_skipping_steps_without_ddim_is_a_user_error():
 # ---------- known frames
 
 
-def test_known_frames_are_never_modified():
+@pytest.mark.parametrize("stabilization, use_ddim", [("generated", False), ("df", False), ("df", True)])
+def test_known_frames_are_never_modified(stabilization, use_ddim):
     """Given frames come out bit-identical; a generated frame never changes after its stage."""
     diffusion = diffusion_with(respacing="4")
     T, n_obs = 12, 2
     videos = random_videos(2, T)
     plan = sampling_schemes["hierarchy-2"](video_length=T, num_obs=n_obs, max_frames=6, step_size=3)
-    settings = StageSettings(noise_schedule="pyramid", stabilization_level=5)
+    settings = StageSettings(noise_schedule="pyramid", stabilization_level=5, stabilization=stabilization,
+                             use_ddim=use_ddim, clip_noise=2.0 if stabilization == "df" else 0.0)
     last = {}
 
     def record(info):
@@ -238,10 +240,15 @@ def test_stabilization_timestep_respaced():
 # ---------- rollouts and reproducibility
 
 
-def test_stabilized_rollout_ten_times_the_window(unet):
-    """Diffusion Forcing's stabilized sliding-window rollout to 10x the model's window stays sane."""
+@pytest.mark.parametrize("stabilization", ["generated", "df"])
+def test_stabilized_rollout_ten_times_the_window(unet, stabilization):
+    """Diffusion Forcing's stabilized sliding-window rollout to 10x the model's window stays sane.
+
+    x0 predictions are clipped: unclipped (DF's default) ones of a random network grow without bound.
+    """
     K = 4
-    scheme = Scheme.from_preset("df-pyramid", T=10 * K, max_frames=K, use_ddim=True)
+    scheme = Scheme.from_preset("df-pyramid", T=10 * K, max_frames=K, use_ddim=True, stabilization=stabilization,
+                                clip_denoised=True)
     T, n_obs = scheme.T, scheme.n_obs
     videos = random_videos(1, T)
     widest = []

@@ -42,6 +42,19 @@ def test_optimal_round_trips_with_its_file(tmp_path):
     assert scheme.stages() == [([0, 1], [2, 3]), ([2, 3], [4, 5]), ([], [6, 7])]
 
 
+def test_df_presets_use_dfs_sampler_and_ours_is_one_flag_away():
+    for name in ("df-pyramid", "stabilized-autoreg"):
+        stage = Scheme.from_preset(name, T=40, max_frames=16).stage
+        assert (stage.stabilization, stage.clip_denoised, stage.stabilization_level) == ("df", False, 15)
+        ours = Scheme.from_preset(name, T=40, max_frames=16, stabilization="generated").stage
+        assert ours.stabilization == "generated"
+    assert Scheme.from_preset("hierarchy-2", T=40, max_frames=16).stage.stabilization == "generated"
+    scheme = Scheme.from_preset("hierarchy-2", T=40, max_frames=16, stabilization="df", stabilization_level=3,
+                                clip_noise=6.0, clip_denoised=False)
+    assert Scheme.from_json(scheme.to_json()) == scheme
+    assert json.loads(scheme.to_json())["stabilization"] == "df"
+
+
 def test_presets_resolve_to_plan_and_settings():
     assert set(sampling_schemes) < set(PRESETS)
     h = Scheme.from_preset("hierarchy-2", T=40, max_frames=20)
@@ -69,7 +82,12 @@ def test_folder_names():
     assert Scheme.from_preset("hierarchy-2", T=12, max_frames=6).folder_name() == "hierarchy-2_K6_S3_obs3_T12"
     df = Scheme.from_preset("df-pyramid", T=64, max_frames=16, sampling_steps=5, use_ddim=True, eta=0.5,
                             timestep_respacing="ddim10")
-    assert df.folder_name() == "df-pyramid_K16_S8_obs8_T64_pyramid1_stab15_steps5_ddim0.5_ddim10"
+    assert df.folder_name() == "df-pyramid_K16_S8_obs8_T64_pyramid1_dfstab15_steps5_ddim0.5_noclip_ddim10"
+    ours = Scheme.from_preset("df-pyramid", T=64, max_frames=16, stabilization="generated", clip_denoised=True,
+                              clip_noise=6)
+    assert ours.folder_name() == "df-pyramid_K16_S8_obs8_T64_pyramid1_stab15_clipnoise6"
+    assert Scheme.from_preset("hierarchy-2", T=12, max_frames=6, stabilization="df", stabilization_level=3,
+                              clip_denoised=False).folder_name() == "hierarchy-2_K6_S3_obs3_T12_dfstab3_noclip"
     assert Scheme.from_preset("autoreg", T=12, max_frames=6, use_ddim=True).folder_name().endswith("_T12_ddim")
 
 
@@ -83,6 +101,10 @@ def test_folder_names():
     (dict(eta=-0.1), ConfigError, "eta must be"),
     (dict(stabilization_level=-1), ConfigError, "stabilization_level"),
     (dict(sampling_steps=-2), ConfigError, "sampling_steps"),
+    (dict(stabilization="sometimes"), ConfigError, "unknown stabilization 'sometimes'"),
+    (dict(name="df-pyramid", stabilization_level=0), ConfigError, "needs stabilization_level >= 1"),
+    (dict(clip_noise=-1.0), ConfigError, "clip_noise"),
+    (dict(clip_noise=float("nan")), ConfigError, "clip_noise"),
     (dict(noise_schedule="nope"), ConfigError, "unknown noise schedule"),
     (dict(sampling_steps=5, diffusion_config=DiffusionConfig(diffusion_steps=100)), ConfigError, "only DDIM"),
     (dict(sampling_steps=11, use_ddim=True, timestep_respacing="10",
@@ -116,7 +138,9 @@ def test_from_dict_reads_old_sampling_configs_and_names_missing_entries():
            "stabilization_level": 15, "timestep_respacing": "4", "checkpoint": "x.pt",
            "settings": {"noise_schedule": "pyramid", "uncertainty_scale": 1.0, "sampling_steps": 0,
                         "stabilization_level": 15, "use_ddim": True, "eta": 0.0, "clip_denoised": True}}
+    # Written before `stabilization` existed: sampled with our variant, and read back as it.
     assert Scheme.from_dict(old) == Scheme.from_preset("df-pyramid", T=12, max_frames=6, use_ddim=True,
-                                                       timestep_respacing="4")
+                                                       timestep_respacing="4", stabilization="generated",
+                                                       clip_denoised=True)
     with pytest.raises(ConfigError, match="no 'T' entry"):
         Scheme.from_dict({k: v for k, v in old.items() if k != "T"})
