@@ -21,5 +21,5 @@ setup(
         "imageio-ffmpeg",
         "pillow",
     ],
-    extras_require={"test": ["pytest", "hypothesis"]},
+    extras_require={"test": ["pytest", "hypothesis"], "mutation": ["mutmut>=3.3"]},
 )
