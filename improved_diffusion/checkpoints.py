@@ -65,6 +65,9 @@ def read_model_checkpoint(path):
     data = read_checkpoint_file(path)
     if not isinstance(data, dict) or "state_dict" not in data or "config" not in data:
         name = os.path.basename(str(path))
+        if isinstance(data, dict) and "pytorch-lightning_version" in data:
+            raise CheckpointError(f"'{path}' is a Lightning checkpoint without our config, e.g. Diffusion Forcing's; "
+                                  "pass its run's configuration with --df_config (df_config= in Python).")
         hint = " (optimizer state, not a model)" if name.startswith("opt") else ""
         raise CheckpointError(f"'{path}' is not a model checkpoint{hint}: it has no 'config' and 'state_dict'.")
     return data

@@ -169,3 +169,11 @@ def test_df_unet3d_checkpoint_round_trip(tmp_path):
     fi = torch.tensor([[0, 4, 5], [1, 2, 9]])
     with torch.no_grad():
         assert torch.equal(model(x, t, frame_indices=fi), loaded(x, t, frame_indices=fi))
+
+
+def test_a_lightning_checkpoint_without_df_config_says_what_to_pass(tmp_path):
+    path = tmp_path / "epoch=3.ckpt"
+    torch.save({"epoch": 3, "global_step": 10, "pytorch-lightning_version": "2.1.0",
+                "state_dict": {"diffusion_model.model.module.w": torch.ones(2)}}, path)
+    with pytest.raises(CheckpointError, match="--df_config"):
+        read_model_checkpoint(str(path))
