@@ -1,6 +1,7 @@
 """A tiny model trained, sampled past its frame window and turned into mp4, through the
 real command-line scripts, as a new user runs them."""
 
+import json
 import os
 import subprocess
 import sys
@@ -9,6 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
+from improved_diffusion.data.datasets import get_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_MODEL = ["--dataset", "bouncing_balls", "--image_size", "16", "--num_channels", "32", "--num_res_blocks", "1", "--channel_mult", "1,2", "--attention_resolutions", "8",
@@ -56,7 +59,6 @@ def test_sample_longer_than_the_window_and_make_mp4(trained_run):
     video = np.load(samples[0])
     assert video.shape == (16, 3, 16, 16) and video.dtype == np.uint8  # 4x the 4-frame window
 
-    from improved_diffusion.data.datasets import get_dataset
 
     given = get_dataset("bouncing_balls", split="test", T=2, image_size=16).video(0)
     expected = ((given + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
@@ -135,3 +137,13 @@ def test_diffusion_forcing_recipe_trains_a_df_unet3d_that_loads(tmp_path):
     x = torch.zeros(1, 4, 3, 16, 16)
     out = model(x, torch.tensor([[0, 10, 500, 999]]), frame_indices=torch.arange(4)[None])
     assert out.shape == x.shape and torch.isfinite(out).all()
+    # ... and samples a video 3x its window with Diffusion Forcing's stabilized pyramid rollout.
+    run_script("video_sample.py", tmp_path / "ckpt" / "df" / "ema_0.9999_000002.pt", "--sampling_scheme", "df-pyramid",
+               "--T", 12, "--n_obs", 2, "--sampling_steps", 4, "--use_ddim", "True", "--stop_index", 1,
+               "--eval_dir", tmp_path / "df-pyramid", cwd=tmp_path)
+    config = json.loads((tmp_path / "df-pyramid" / "sampling_config.json").read_text())
+    assert (config["plan"], config["noise_schedule"], config["stabilization"]) == ("sliding-window", "pyramid", "df")
+    assert config["clip_noise"] == 6.0  # the run's clip_noise reaches the sampler
+    sample = np.load(tmp_path / "df-pyramid" / "samples" / "sample_0000-0.npy")
+    given = get_dataset("bouncing_balls", split="test", T=2, image_size=16).frames(0)
+    assert sample.shape == (12, 3, 16, 16) and np.array_equal(sample[:2], given.transpose(0, 3, 1, 2))
