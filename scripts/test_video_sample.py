@@ -21,6 +21,8 @@ from improved_diffusion import cli
 from improved_diffusion.checkpoints import load_checkpoint
 from improved_diffusion.data.datasets import get_dataset
 from improved_diffusion.sampling import run as sampling_run
+from improved_diffusion.sampling.noise_schedules import noise_levels
+from improved_diffusion.sampling.plans import plan_stages
 from improved_diffusion.sampling.sampler import one_video_at_a_time, sample_with_scheme, video_generator
 from improved_diffusion.sampling.scheme import PRESETS, Scheme
 from improved_diffusion.script_util import DiffusionConfig, ModelConfig, create_model
@@ -93,19 +95,99 @@ def sample_and_check(capsys, checkpoint, eval_dir, *argv, videos=1):
     return samples
 
 
+# What each preset must run, written out independently of scheme.py: (plan, step size, noise schedule,
+# stabilized) for T = 12, max_frames K = 6 (FDM plans: max_latent_frames K // 2 = 3).
+PRESET_EXPECTATIONS = {
+    **{name: (name, 3, "full_sequence", False) for name in
+       ["autoreg", "long-range", "hierarchy-2", "hierarchy-3", "hierarchy-4", "hierarchy-5", "adaptive-autoreg",
+        "adaptive-hierarchy-2", "adaptive-hierarchy-3", "optimal", "sliding-window"]},
+    "df-pyramid": ("sliding-window", 3, "pyramid", True),  # K // 2 new frames, DF's pyramid, stabilization 15
+    "stabilized-autoreg": ("sliding-window", 1, "full_sequence", True),  # one new frame per stage
+}
+COUNTERPARTS = {"adaptive-autoreg": "autoreg", "adaptive-hierarchy-2": "hierarchy-2",
+                "adaptive-hierarchy-3": "hierarchy-3"}
+
+
+@pytest.fixture
+def model_calls(monkeypatch):
+    """Records every model call of video_sample.py (per video: it calls the model one video at a time)."""
+    calls = []
+    real = sampling_run.one_video_at_a_time
+
+    def spying(model):
+        wrapped = real(model)
+
+        def call(x, t, **kwargs):
+            calls.append({"t": t.clone(), "frame_indices": kwargs["frame_indices"].clone(),
+                          "obs": kwargs["obs_mask"].flatten(1).bool(), "latent": kwargs["latent_mask"].flatten(1).bool()})
+            return wrapped(x, t, **kwargs)
+
+        return call
+
+    monkeypatch.setattr(sampling_run, "one_video_at_a_time", spying)
+    return calls
+
+
+def stages_seen(calls):
+    """Group consecutive model calls into stages by the frames shown: [(obs, latent, calls)] of video 0."""
+    stages = []
+    for c in calls:
+        frames = c["frame_indices"][0].tolist()
+        if not stages or stages[-1][0] != frames:
+            stages.append((frames, []))
+        stages[-1][1].append(c)
+    seen = []
+    for frames, group in stages:
+        first = group[0]  # no latent frame has finished yet, so the masks split obs from latent
+        obs = [f for f, o in zip(frames, first["obs"][0].tolist()) if o]
+        latent = [f for f, l in zip(frames, first["latent"][0].tolist()) if l]
+        seen.append((obs, latent, group))
+    return seen
+
+
 @pytest.mark.parametrize("name", list(PRESETS))
-def test_every_preset_runs(capsys, tmp_path, checkpoint, name):
+def test_every_preset_runs(capsys, tmp_path, checkpoint, model_calls, name):
+    """Every preset runs, saves its scheme, and samples with its own plan, noise schedule and stabilization."""
     extra = []
+    schedule_file = None
     if name == "optimal":  # observe the two newest frames at every stage
         schedule = {str(s): [3 * s + 1, 3 * s + 2] for s in range(3)}
-        (tmp_path / "optimal.json").write_text(json.dumps(schedule))
-        extra = ["--optimality", tmp_path / "optimal.json"]
+        schedule_file = tmp_path / "optimal.json"
+        schedule_file.write_text(json.dumps(schedule))
+        extra = ["--optimality", schedule_file]
     sample_and_check(capsys, checkpoint, tmp_path / "out", "--sampling_scheme", name, *extra)
-    # The saved JSON rebuilds the scheme that sampled.
+    plan, step, noise_schedule, stabilized = PRESET_EXPECTATIONS[name]
+    n_obs = K - step
+
+    # The saved JSON names the preset's plan and schedule, and rebuilds the scheme that sampled.
     config = json.loads((tmp_path / "out" / "sampling_config.json").read_text())
+    assert (config["plan"], config["step_size"], config["n_obs"], config["T"], config["max_frames"]) == (
+        plan, step, n_obs, T, K)
+    assert config["noise_schedule"] == noise_schedule and (config["stabilization_level"] > 0) == stabilized
     expected = Scheme.from_preset(name, T=T, max_frames=K, timestep_respacing="4",
                                   optimality=None if not extra else str(extra[1]))
     assert Scheme.from_dict(config) == expected
+
+    # The model saw the plan's stages: observed then latent frames, as the plan lists them.
+    seen = stages_seen(model_calls)
+    planned = plan_stages(COUNTERPARTS.get(plan, plan), T, n_obs, K, step, schedule_file)
+    assert [latent for _, latent, _ in seen] == [latent for _, latent in planned]
+    for (obs, _, _), (planned_obs, _) in zip(seen, planned):
+        assert obs == planned_obs if plan not in COUNTERPARTS else len(obs) == len(planned_obs)
+    # ... and one model call per changing row of the schedule's matrix, over the diffusion's 4 steps.
+    for obs, latent, group in seen:
+        levels = noise_levels(noise_schedule, len(latent), 4)
+        assert len(group) == sum(not np.array_equal(a, b) for a, b in zip(levels[:-1], levels[1:]))
+        for c in group:
+            t, is_obs, is_latent = c["t"][0], c["obs"][0], c["latent"][0]
+            if noise_schedule == "pyramid" and c is group[1]:
+                assert len(set(t[is_latent].tolist())) > 1  # staggered: the frames fall one after another
+            if obs and stabilized:  # DF's stabilization: context at timestep 14, i.e. 0 of the 4 kept steps
+                assert (t[is_obs] == 0).all()
+            elif obs:  # FDM: observed frames are told the timestep being denoised
+                assert (t[is_obs] == t[is_latent].max()).all()
+        # The first call starts from pure noise: training step 99 of 100, scaled to 1000 steps.
+        assert group[0]["t"][0][group[0]["latent"][0]].max() == 990
 
 
 def test_files_equal_the_stage_sampler_output(capsys, tmp_path, checkpoint):

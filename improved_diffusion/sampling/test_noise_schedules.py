@@ -105,3 +105,30 @@ def test_levels_to_timesteps_keeps_float32_truncation():
     assert levels_to_timesteps([15, 27, 30], 120, 1000).tolist() == [123, 223, 248]  # exact: 124, 224, 249
     with pytest.raises(ScheduleError, match="0..10"):
         levels_to_timesteps([11], 10, 1000)
+
+
+def test_noise_levels_passes_every_argument_and_defaults_to_u_1():
+    # The docstrings' default lag per frame is u = 1 (DF's default uncertainty_scale).
+    assert pyramid(3, 2).tolist() == slow_pyramid(3, 2, 1)
+    assert trapezoid(5, 2).tolist() == slow_trapezoid(5, 2, 1)
+    assert noise_levels("pyramid", 3, 2).tolist() == slow_pyramid(3, 2, 1)
+    assert noise_levels("pyramid", 4, 3, 2.0).tolist() == slow_pyramid(4, 3, 2.0)
+    assert noise_levels("trapezoid", 5, 2, 0.5).tolist() == slow_trapezoid(5, 2, 0.5)
+    assert noise_levels("autoregressive", 2, 3, 0.1).tolist() == slow_pyramid(2, 3, 3)
+
+
+@pytest.mark.parametrize("h, S", [(True, 3), (2.0, 3), (3, True), (3, 2.0), (3, 0)])
+def test_schedules_refuse_non_integer_sizes(h, S):
+    for schedule in noise_schedules.values():
+        with pytest.raises(ScheduleError, match="latent frame" if h != 3 or isinstance(h, bool) else "sampling_steps"):
+            schedule(h, S)
+
+
+def test_levels_to_timesteps_steps_range():
+    # S may equal the number of timesteps (level k -> timestep k - 1), not exceed it, and must be a positive int.
+    assert levels_to_timesteps(np.arange(11), 10, 10).tolist() == list(range(-1, 10))
+    with pytest.raises(ScheduleError, match=r"sampling_steps \(11\) cannot exceed .* \(10\)"):
+        levels_to_timesteps([0], 11, 10)
+    for S in (0, True, 2.0, -1):
+        with pytest.raises(ScheduleError, match="sampling_steps must be a positive integer"):
+            levels_to_timesteps([0], S, 1000)

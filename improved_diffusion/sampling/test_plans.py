@@ -7,6 +7,7 @@ running this module; the failure cases and quirks come from ../shared/reference/
 
 import json
 import os
+import re
 import sys
 import types
 
@@ -286,12 +287,37 @@ def test_adaptive_uses_lpips_when_available(monkeypatch):
 
 
 @st.composite
-def plan_args(draw, max_T=60):
-    T = draw(st.integers(1, max_T))
-    n_obs = draw(st.integers(0, T - 1))
-    K = draw(st.integers(2, 24))
-    S = draw(st.integers(1, K - 1))
+def plan_args(draw, name, max_T=60):
+    """(T, n_obs, K, S) that `name` accepts: the documented rules, so nearly every example reaches the checks."""
+    T = draw(st.integers(2, max_T))
+    hierarchy = "hierarchy" in name
+    K = draw(st.integers(4 if hierarchy else 3 if name == "long-range" else 2, 24))
+    S = draw(st.integers(2 if hierarchy else 1, K - 1))
+    # autoreg-like plans with n_obs = 0 first generate K frames, so they need K <= T.
+    n_obs = draw(st.integers(0 if hierarchy or name == "sliding-window" or K <= T else 1, T - 1))
+    if name == "long-range" and (K - S) // 2 == 0:
+        S = K - 2  # the [-0:] quirk exceeds K by design; tested on its own above
     return T, n_obs, K, S
+
+
+# Failures the reference has part-way through some hierarchies (SCHEMES.md), not plan bugs.
+PART_WAY_FAILURES = "lowering the step size to 1|no frame to generate"
+
+
+def run_counted(test, n_examples):
+    """Run a hypothesis test whose examples return True when they reached the checks; require a majority."""
+    outcomes = []
+
+    @settings(max_examples=n_examples, deadline=None, database=None,
+              suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+    @given(st.data())
+    def run(data):
+        outcomes.append(test(data))
+
+    run()
+    checked = sum(outcomes)
+    assert checked > len(outcomes) / 2, f"only {checked} of {len(outcomes)} examples reached the checks"
+    return checked
 
 
 def check_plan(stages, T, n_obs, K):
@@ -310,44 +336,58 @@ def check_plan(stages, T, n_obs, K):
     assert done == set(range(T)) and generated >= set(range(n_obs, T))
 
 
-@pytest.mark.parametrize("name", NON_ADAPTIVE)
-@settings(max_examples=150, deadline=None, database=None)
-@given(args=plan_args())
-def test_plan_invariants(name, args):
-    T, n_obs, K, S = args
-    if name == "long-range" and (K - S) // 2 == 0:
-        S = K - 2  # the [-0:] quirk exceeds K by design; tested on its own above
-        if S < 1:
-            return
+def expect_plan(name, T, n_obs, K, S, run):
+    """run() -> stages; True when they pass the invariants, False for the reference's part-way failures."""
     try:
-        stages = plan_stages(name, T, n_obs, K, S)
+        stages = run()
     except PlanError as e:
         assert "\n" not in str(e)
-        return
+        # Only the documented part-way failures of hierarchies; "observes frame ... before it is known",
+        # "generates no new frame" and the like are plan bugs.
+        assert "hierarchy" in name and re.search(PART_WAY_FAILURES, str(e)), (T, n_obs, K, S, str(e))
+        return None
     check_plan(stages, T, n_obs, K)
-    # Driving the scheme object gives the same stages.
-    scheme = sampling_schemes[name](video_length=T, num_obs=n_obs, max_frames=K, step_size=S)
-    assert list(scheme) == stages
+    return stages
+
+
+@pytest.mark.parametrize("name", NON_ADAPTIVE)
+def test_plan_invariants(name):
+    def example(data):
+        T, n_obs, K, S = data.draw(plan_args(name))
+        validate_plan_args(name, T, n_obs, K, S)  # the strategy draws only accepted arguments
+        stages = expect_plan(name, T, n_obs, K, S, lambda: plan_stages(name, T, n_obs, K, S))
+        if stages is None:
+            return False
+        # Driving the scheme object gives the same stages.
+        scheme = sampling_schemes[name](video_length=T, num_obs=n_obs, max_frames=K, step_size=S)
+        assert list(scheme) == stages
+        return True
+
+    checked = run_counted(example, 150)
+    assert checked >= 60
 
 
 @pytest.mark.parametrize("name", ADAPTIVE_PLANS)
-@settings(max_examples=25, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
-@given(args=plan_args(max_T=30), seed=st.integers(0, 2**16))
-def test_adaptive_plan_invariants(name, args, seed):
-    T, n_obs, K, S = args
-    try:
+def test_adaptive_plan_invariants(name):
+    def example(data):
+        T, n_obs, K, S = data.draw(plan_args(name, max_T=30))
+        seed = data.draw(st.integers(0, 2**16))
         scheme = sampling_schemes[name](video_length=T, num_obs=n_obs, max_frames=K, step_size=S,
                                         embedder=ss.pixel_embedding)
-    except PlanError:
-        return
-    videos = _videos(2, T, seed)
-    per_video = [[], []]
-    try:
-        while (stage := scheme.next_stage(videos)) is not None:
-            for b in range(2):
-                per_video[b].append((stage.obs[b], stage.latent[b]))
-    except PlanError:
-        return
-    for b in range(2):
-        check_plan(per_video[b], T, n_obs, K)
-        assert [lat for _, lat in per_video[b]] == [lat for _, lat in per_video[0]]
+        videos = _videos(2, T, seed)
+        per_video = [[], []]
+
+        def run():
+            while (stage := scheme.next_stage(videos)) is not None:
+                for b in range(2):
+                    per_video[b].append((stage.obs[b], stage.latent[b]))
+            return per_video[0]
+
+        if expect_plan(name, T, n_obs, K, S, run) is None:
+            return False
+        check_plan(per_video[1], T, n_obs, K)
+        assert [lat for _, lat in per_video[1]] == [lat for _, lat in per_video[0]]
+        return True
+
+    checked = run_counted(example, 25)
+    assert checked >= 10

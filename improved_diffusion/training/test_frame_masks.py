@@ -21,7 +21,45 @@ def test_indices_are_an_evenly_spaced_run_inside_the_video(max_indices, T, seed)
     indices = sample_some_indices(max_indices, T, np.random.default_rng(seed))
     assert 1 <= len(indices) <= max_indices
     assert all(0 <= i < T for i in indices)
-    assert indices == sorted(indices)
+    # Evenly spaced: truncating pos + i * scale leaves gaps that differ by at most one frame,
+    # and a spacing of at least one frame (while the run fits the video) repeats no frame.
+    gaps = np.diff(indices)
+    if len(gaps):
+        assert gaps.max() - gaps.min() <= 1
+        if max_indices <= T:
+            assert gaps.min() >= 1
+
+
+class ScriptedRng:
+    """A stand-in for numpy's Generator that returns given draws, to check FDM's formula step by step."""
+
+    def __init__(self, integers, randoms):
+        self._integers, self._randoms = list(integers), list(randoms)
+        self.integer_calls = []
+
+    def integers(self, low, high):
+        self.integer_calls.append((low, high))
+        return self._integers.pop(0)
+
+    def random(self):
+        return self._randoms.pop(0)
+
+
+def fdm_run(s, u_scale, u_pos, T):
+    """FDM's sample_some_indices by hand: spacing exp(u * log(T / (s - 0.999))), start u' * (T - spacing (s - 1))."""
+    import math
+
+    scale = math.exp(u_scale * math.log(T / (s - 0.999)))
+    pos = u_pos * (T - scale * (s - 1))
+    return [math.floor(pos + i * scale) for i in range(s)]
+
+
+@pytest.mark.parametrize("s, u_scale, u_pos, T", [(3, 0.5, 0.25, 40), (1, 0.9, 0.7, 10), (5, 0.0, 0.5, 12),
+                                                  (4, 0.999, 0.1, 60), (2, 0.3, 0.999, 7)])
+def test_indices_follow_fdms_log_uniform_spacing(s, u_scale, u_pos, T):
+    rng = ScriptedRng([s], [u_scale, u_pos])
+    assert sample_some_indices(6, T, rng) == fdm_run(s, u_scale, u_pos, T)
+    assert rng.integer_calls == [(1, 7)]  # the run's length is uniform on 1..max_indices
 
 
 @settings(max_examples=200, deadline=None)
