@@ -21,10 +21,12 @@ for path in "$module" "$@"; do
 done
 command -v mutmut > /dev/null || { echo "mutation_test.sh: error: mutmut is not installed; pip install -e '.[test,mutation]'." >&2; exit 2; }
 
-work=$(mktemp -d "${TMPDIR:-/tmp}/mutation.XXXXXX")
+scratch=$(mktemp -d "${TMPDIR:-/tmp}/mutation.XXXXXX")
+work="$scratch/checkout"
+mkdir "$work"
 git ls-files -co --exclude-standard -- improved_diffusion scripts pytest.ini setup.py | tar -cf - -T - | tar -xf - -C "$work"
 # The tests may read ../shared/reference (fixtures), which sits beside the checkout.
-[ -d ../shared ] && ln -s "$(cd ../shared && pwd)" "$(dirname "$work")/shared" 2> /dev/null || true
+if [ -d ../shared ]; then ln -s "$(cd ../shared && pwd)" "$scratch/shared"; fi
 {
   echo "[mutmut]"
   echo "source_paths = $module"

@@ -167,20 +167,6 @@ def test_learned_range_variance_interpolates_logs():
         assert out["log_variance"][0, f].flatten()[0].item() == pytest.approx(expected, rel=1e-5)
 
 
-def test_hybrid_loss_adds_vlb_with_lambda_one_thousandth():
-    d = make_diffusion(steps=1000, var=gd.ModelVarType.LEARNED_RANGE, loss=gd.LossType.RESCALED_MSE)
-    x0 = torch.rand(2, 3, 3, 4, 4) * 2 - 1
-    noise = torch.randn_like(x0)
-    pred = torch.randn(2, 3, 6, 4, 4)
-    t = torch.tensor([0, 500])
-    terms = d.training_losses(lambda *a, **k: pred, x0, t, noise=noise)
-    eps_part = pred[:, :, :3]
-    torch.testing.assert_close(terms["mse"], ((eps_part - noise) ** 2).mean(dim=(1, 2, 3, 4)))
-    xt = d.q_sample(x0, t, noise)
-    vb = d.vb_terms_bpd(None, x0, xt, t, clip_denoised=False, model_output=pred)["output"]
-    torch.testing.assert_close(terms["loss"], terms["mse"] + vb * 1000 / 1000.0)
-
-
 # ----------------------------------------------------------------------------- masks and sampling
 
 def test_loss_counts_only_latent_frames():
@@ -218,15 +204,6 @@ def test_ddim_with_an_x0_model_lands_on_its_prediction():
     torch.testing.assert_close(out, target, atol=1e-5, rtol=0)
 
 
-def test_ddim_eta_one_matches_ancestral_variance():
-    """DDIM with eta = 1 has sigma^2 = the posterior variance (Song et al., eq. 16)."""
-    d = make_diffusion(var=gd.ModelVarType.FIXED_SMALL)
-    t = 40
-    a = abar(d.betas)
-    sigma2 = (1 - a[t - 1]) / (1 - a[t]) * (1 - a[t] / a[t - 1])
-    assert sigma2 == pytest.approx(d.posterior_variance[t], rel=1e-9)
-
-
 # ----------------------------------------------------------------------------- respacing
 
 def test_space_timesteps_spellings():
@@ -260,3 +237,623 @@ def test_respaced_model_sees_original_timesteps():
     d = make_diffusion(steps=1000, respacing="ddim10")
     d.ddim_sample_loop(lambda x, t, **k: (seen.append(t.clone()), torch.zeros_like(x))[1], (1, 1, 3, 2, 2))
     assert [int(t[0]) for t in seen] == list(range(900, -1, -100))
+
+
+# ----------------------------------------------------------------------------- a slow reference, frame by frame
+
+EPS, X0, V = gd.ModelMeanType.EPSILON, gd.ModelMeanType.START_X, gd.ModelMeanType.VELOCITY
+SMALL, LARGE, LEARNED = gd.ModelVarType.FIXED_SMALL, gd.ModelVarType.FIXED_LARGE, gd.ModelVarType.LEARNED_RANGE
+LOG2 = math.log(2.0)
+
+
+class Chain:
+    """A chain's quantities from its betas, written from the DDPM / improved-DDPM papers in float64.
+
+    Works elementwise on numpy arrays (one frame at a time) and on Python floats.
+    """
+
+    def __init__(self, betas):
+        self.betas = [float(b) for b in betas]
+        self.abar = list(abar(self.betas))
+
+    def a(self, t):  # abar_t, with abar_{-1} = 1 (clean)
+        return 1.0 if t < 0 else self.abar[t]
+
+    def post_var(self, t):  # beta~_t (DDPM eq. 7)
+        return self.betas[t] * (1 - self.a(t - 1)) / (1 - self.a(t))
+
+    def post_mean(self, x0, xt, t):  # mu~_t (DDPM eq. 7)
+        b = self.betas[t]
+        return (math.sqrt(self.a(t - 1)) * b * x0 + math.sqrt(1 - b) * (1 - self.a(t - 1)) * xt) / (1 - self.a(t))
+
+    def x0_from(self, mean_type, out, xt, t):
+        a = self.a(t)
+        if mean_type == EPS:  # x_t = sqrt(a) x0 + sqrt(1 - a) eps
+            return (xt - math.sqrt(1 - a) * out) / math.sqrt(a)
+        if mean_type == V:  # v = sqrt(a) eps - sqrt(1 - a) x0
+            return math.sqrt(a) * xt - math.sqrt(1 - a) * out
+        return out
+
+    def log_var(self, var_type, t, v=None):
+        clipped = math.log(self.post_var(max(t, 1)))  # beta~_0 = 0: its log is taken as beta~_1's
+        if var_type == SMALL:
+            return clipped
+        if var_type == LARGE:
+            return math.log(self.betas[t]) if t > 0 else clipped
+        frac = (v + 1) / 2  # improved DDPM eq. 15
+        return frac * math.log(self.betas[t]) + (1 - frac) * clipped
+
+
+def reference_p(chain, mean_type, var_type, output, x, t, clip=True, denoised_fn=None):
+    """p(x_{t-1} | x_t) frame by frame: mean, log variance, x0 prediction as float64 arrays."""
+    output, x = output.double().numpy(), x.double().numpy()
+    t = t[:, None].expand(x.shape[:2]) if t.dim() == 1 else t
+    C = x.shape[2]
+    mean, log_var, x0hat = np.zeros(x.shape), np.zeros(x.shape), np.zeros(x.shape)
+    for b in range(x.shape[0]):
+        for f in range(x.shape[1]):
+            tt = int(t[b, f])
+            out = output[b, f, :C]
+            pred = chain.x0_from(mean_type, out, x[b, f], tt)
+            if denoised_fn is not None:
+                pred = denoised_fn(torch.from_numpy(pred)).numpy()
+            if clip:
+                pred = np.clip(pred, -1, 1)
+            x0hat[b, f] = pred
+            mean[b, f] = chain.post_mean(pred, x[b, f], tt)
+            v = output[b, f, C:] if var_type == LEARNED else None
+            log_var[b, f] = chain.log_var(var_type, tt, v)
+    return {"mean": mean, "log_variance": log_var, "pred_xstart": x0hat}
+
+
+def tanh_normal_cdf(z):
+    """Page's (1977) tanh approximation of the standard normal CDF, as improved DDPM's likelihood uses it."""
+    return 0.5 * (1 + np.tanh(math.sqrt(2 / math.pi) * (z + 0.044715 * z**3)))
+
+
+def reference_vb_bits(chain, x0, xt, t, mean, log_var):
+    """One frame's VLB term per element, in bits: KL(q(x_{t-1}|x_t,x_0) || p) for t > 0, the decoder NLL at t = 0."""
+    if t > 0:
+        m1, v1 = chain.post_mean(x0, xt, t), chain.post_var(t)
+        m2, v2 = mean, np.exp(log_var)
+        kl = 0.5 * (np.log(v2 / v1) + (v1 + (m1 - m2) ** 2) / v2 - 1)
+        return kl / LOG2
+    sigma = np.exp(0.5 * log_var)
+    upper = tanh_normal_cdf((x0 + 1 / 255 - mean) / sigma)
+    lower = tanh_normal_cdf((x0 - 1 / 255 - mean) / sigma)
+    prob = np.where(x0 < -0.999, upper, np.where(x0 > 0.999, 1 - lower, upper - lower))
+    return -np.log(prob) / LOG2
+
+
+def quantised_images(shape, generator):
+    """Images on the 256-level grid of [-1, 1], with both edge values present."""
+    x = torch.randint(0, 256, shape, generator=generator).double() / 127.5 - 1
+    x.view(-1)[0], x.view(-1)[1] = -1.0, 1.0
+    return x.float()
+
+
+# ----------------------------------------------------------------------------- schedules and constants
+
+def test_linear_schedule_is_rescaled_to_the_step_count():
+    betas = gd.get_named_beta_schedule("linear", 250)
+    np.testing.assert_allclose(betas, np.linspace(4e-4, 0.08, 250), rtol=1e-12)
+
+
+def test_cosine_and_sigmoid_schedules_clip_the_last_beta():
+    # abar(1) = 0 for both, so the last beta would be 1; it is clipped to 0.999.
+    assert gd.get_named_beta_schedule("cosine", 50)[-1] == 0.999
+    sigmoid = gd.get_named_beta_schedule("sigmoid", 50)
+    assert sigmoid[-1] == 0.999 and (sigmoid[:-1] < 0.999).all() and (sigmoid > 0).all()
+
+
+def test_sigmoid_schedule_is_chens_alpha_bar_at_every_step():
+    n = 40
+    sig = lambda z: 1 / (1 + math.exp(-z))  # noqa: E731
+    f = lambda s: (sig(3) - sig(6 * s - 3)) / (sig(3) - sig(-3))  # noqa: E731
+    got = abar(gd.get_named_beta_schedule("sigmoid", n))
+    expected = [f(t / n) / f(0) for t in range(1, n + 1)]
+    np.testing.assert_allclose(got[:-1], expected[:-1], rtol=1e-10)
+
+
+def test_betas_for_alpha_bar_clips_at_max_beta():
+    alpha_bar = lambda s: 1 - s  # noqa: E731  (betas 1 / (n - i), the last one 1)
+    betas = gd.betas_for_alpha_bar(4, alpha_bar, max_beta=0.4)
+    np.testing.assert_allclose(betas, [0.25, 1 / 3, 0.4, 0.4], rtol=1e-12)
+    assert gd.betas_for_alpha_bar(4, alpha_bar)[-1] == 0.999
+
+
+def test_betas_must_lie_in_zero_one():
+    kwargs = dict(model_mean_type=EPS, model_var_type=SMALL, loss_type=gd.LossType.MSE)
+    for bad in ([0.1, 0.0, 0.2], [0.1, 1.5], [[0.1, 0.2]]):
+        with pytest.raises(AssertionError):
+            gd.GaussianDiffusion(betas=bad, **kwargs)
+    with np.errstate(divide="ignore"):
+        d = gd.GaussianDiffusion(betas=[0.1, 0.5, 1.0], **kwargs)  # beta = 1 (zero terminal SNR) is allowed
+    assert d.num_timesteps == 3 and d.alphas_cumprod[-1] == 0
+
+
+def test_chain_constants_are_the_closed_forms():
+    d = make_diffusion("cosine", steps=30)
+    chain = Chain(d.betas)
+    np.testing.assert_allclose(d.alphas_cumprod, chain.abar, rtol=1e-12)
+    np.testing.assert_allclose(d.alphas_cumprod_prev, [1.0] + chain.abar[:-1], rtol=1e-12)
+    np.testing.assert_allclose(d.alphas_cumprod_next, chain.abar[1:] + [0.0], rtol=1e-12)
+    np.testing.assert_allclose(d.posterior_variance, [chain.post_var(t) for t in range(30)], rtol=1e-10)
+    expected_log = [math.log(chain.post_var(max(t, 1))) for t in range(30)]
+    np.testing.assert_allclose(d.posterior_log_variance_clipped, expected_log, rtol=1e-10)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def test_extract_broadcasts_per_video_and_per_frame_and_clamps_negative_steps():
+    arr = np.array([10.0, 11.0, 12.0, 13.0])
+    per_video = gd.extract(arr, torch.tensor([2, 0]), (2, 3, 1, 4, 4))
+    assert per_video.shape == (2, 1, 1, 1, 1) and per_video.dtype == torch.float32
+    assert per_video.flatten().tolist() == [12.0, 10.0]
+    per_frame = gd.extract(arr, torch.tensor([[3, -1, 1]]), (1, 3, 1, 4, 4))
+    assert per_frame.shape == (1, 3, 1, 1, 1) and per_frame.flatten().tolist() == [13.0, 10.0, 11.0]
+
+
+def test_means_over_latent_frames():
+    x = torch.arange(2 * 3 * 2, dtype=torch.float32).view(2, 3, 2, 1, 1)  # frame (b, f) holds 6b + 2f, 6b + 2f + 1
+    mask = torch.tensor([[1, 0, 1], [0, 0, 0.0]]).view(2, 3, 1, 1, 1)
+    assert gd.mean_over_latent(x, None).tolist() == [2.5, 8.5]
+    # Element 0: frames 0 and 2 (values 0, 1, 4, 5); element 1 has no latent frame: 0, not NaN.
+    assert gd.mean_over_latent(x, mask).tolist() == [2.5, 0.0]
+    assert gd.frame_means_over_latent(x, None).tolist() == [[0.5, 2.5, 4.5], [6.5, 8.5, 10.5]]
+    assert gd.frame_means_over_latent(x, mask).tolist() == [[0.5, 0.0, 4.5], [0.0, 0.0, 0.0]]
+
+
+def test_latent_mask_from_prefers_the_argument_then_model_kwargs():
+    x = torch.zeros(2, 3, 1, 2, 2, dtype=torch.float64)
+    explicit = torch.tensor([[True, False, True], [False, True, True]]).view(2, 3, 1, 1, 1)
+    in_kwargs = torch.zeros(2, 3, 1, 1, 1)
+    got = gd.latent_mask_from({"latent_mask": in_kwargs}, explicit, x)
+    assert got.dtype == torch.float64 and torch.equal(got, explicit.double())
+    assert torch.equal(gd.latent_mask_from({"latent_mask": in_kwargs}, None, x), in_kwargs.double())
+    for kwargs in (None, {}, {"other": 1}):
+        ones = gd.latent_mask_from(kwargs, None, x)
+        assert ones.shape == (2, 3, 1, 1, 1) and ones.dtype == torch.float64 and bool((ones == 1).all())
+
+
+def test_model_output_tensor_takes_the_first_of_a_tuple():
+    a, b = torch.zeros(1), torch.ones(1)
+    assert gd.model_output_tensor((a, b)) is a and gd.model_output_tensor([b, a]) is b
+    assert gd.model_output_tensor(a) is a
+
+
+def test_the_model_sees_timesteps_in_units_of_a_thousand_steps_and_its_kwargs():
+    seen = {}
+
+    def model(x, t, **kwargs):
+        seen.update(t=t, kwargs=kwargs)
+        return torch.full_like(x, 3.0), "extra"
+
+    x = torch.zeros(2, 1, 1, 1, 1)
+    d = make_diffusion(steps=250)
+    out = d.call_model(model, x, torch.tensor([10, 249]), {"y": 7})
+    assert torch.equal(out, torch.full_like(x, 3.0)) and seen["kwargs"] == {"y": 7}
+    assert seen["t"].dtype == torch.float32 and seen["t"].tolist() == [40.0, 996.0]
+    d.rescale_timesteps = False
+    d.call_model(model, x, torch.tensor([10, 249]), None)
+    assert seen["t"].dtype == torch.long and seen["t"].tolist() == [10, 249] and seen["kwargs"] == {}
+
+
+# ----------------------------------------------------------------------------- forward process, more
+
+def test_q_sample_draws_its_own_noise_and_without_a_mask_noises_every_frame():
+    d = make_diffusion()
+    x0 = torch.randn(1, 2, 3, 4, 4)
+    t = torch.tensor([30])
+    torch.manual_seed(5)
+    drawn = d.q_sample(x0, t)
+    torch.manual_seed(5)
+    noise = torch.randn_like(x0)
+    a = abar(d.betas)[30]
+    torch.testing.assert_close(drawn, math.sqrt(a) * x0 + math.sqrt(1 - a) * noise, atol=1e-6, rtol=0)
+
+
+def test_velocity_is_the_closed_form():
+    d = make_diffusion()
+    x0, noise = torch.randn(2, 1, 3, 2, 2), torch.randn(2, 1, 3, 2, 2)
+    t = torch.tensor([7, 80])
+    a = torch.tensor(abar(d.betas)[[7, 80]]).view(2, 1, 1, 1, 1)
+    expected = a.sqrt() * noise.double() - (1 - a).sqrt() * x0.double()
+    torch.testing.assert_close(d.velocity(x0, t, noise).double(), expected, atol=1e-6, rtol=0)
+    xt = a.sqrt() * x0.double() + (1 - a).sqrt() * noise.double()
+    # x0 = sqrt(a) x_t - sqrt(1 - a) v
+    torch.testing.assert_close(d.predict_xstart_from_v(xt.float(), t, expected.float()).double(),
+                               a.sqrt() * xt - (1 - a).sqrt() * expected, atol=1e-6, rtol=0)
+
+
+# ----------------------------------------------------------------------------- the reverse process
+
+@pytest.mark.parametrize("mean_type", [EPS, X0, V])
+@pytest.mark.parametrize("var_type", [SMALL, LARGE, LEARNED])
+@pytest.mark.parametrize("clip", [True, False])
+def test_p_mean_variance_is_the_posterior_at_the_predicted_x0(mean_type, var_type, clip):
+    d = make_diffusion("cosine", steps=50, mean=mean_type, var=var_type)
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(2, 3, 2, 2, 2, generator=g) * 1.5
+    C = 2
+    output = torch.randn(2, 3, 2 * C if var_type == LEARNED else C, 2, 2, generator=g) * 1.5
+    if var_type == LEARNED:
+        output[:, :, C:] = output[:, :, C:].tanh()
+    t = torch.tensor([[0, 1, 17], [30, 0, 45]])
+    calls = []
+
+    def model(x_in, t_in, **kwargs):
+        calls.append(kwargs)
+        return output
+
+    got = d.p_mean_variance(model, x, t, clip_denoised=clip, model_kwargs={"k": 1})
+    ref = reference_p(Chain(d.betas), mean_type, var_type, output, x, t, clip)
+    assert calls == [{"k": 1}]
+    for key in ("mean", "log_variance", "pred_xstart"):
+        assert got[key].shape == x.shape, key
+        np.testing.assert_allclose(got[key].double().numpy(), ref[key], rtol=1e-4, atol=1e-5, err_msg=key)
+    variance = np.exp(ref["log_variance"])
+    if var_type == SMALL:  # beta~_0 = 0 itself; only its log is clipped
+        variance[(t == 0).numpy()] = 0.0
+    np.testing.assert_allclose(got["variance"].double().numpy(), variance, rtol=1e-4)
+    assert torch.equal(got["model_output"], output[:, :, :C])
+    if clip:
+        assert got["pred_xstart"].abs().max() <= 1 and ref["pred_xstart"].min() == -1  # the clip did bite
+
+
+def test_denoised_fn_runs_on_x0_before_the_clip():
+    d = make_diffusion(mean=X0, var=SMALL)
+    x = torch.zeros(1, 1, 1, 1, 3)
+    output = torch.tensor([-0.8, 0.3, 0.9]).view(x.shape)
+    out = d.p_mean_variance(lambda *a, **k: output, x, torch.tensor([5]), denoised_fn=lambda x0: 2 * x0)
+    assert out["pred_xstart"].flatten().tolist() == pytest.approx([-1.0, 0.6, 1.0])
+    # Passed a precomputed output, the model is not called.
+    out = d.p_mean_variance(None, x, torch.tensor([5]), clip_denoised=False, model_output=output)
+    assert torch.equal(out["pred_xstart"], output)
+
+
+def test_learned_range_needs_twice_the_channels():
+    d = make_diffusion(var=LEARNED)
+    x = torch.zeros(1, 1, 3, 2, 2)
+    with pytest.raises(ValueError, match="6 output channels"):
+        d.p_mean_variance(lambda *a, **k: torch.zeros_like(x), x, torch.tensor([3]))
+
+
+@pytest.mark.parametrize("var_type", [SMALL, LARGE])
+def test_p_sample_adds_scaled_noise_except_at_t_zero_on_latent_frames_only(var_type):
+    d = make_diffusion("cosine", steps=50, mean=EPS, var=var_type)
+    chain = Chain(d.betas)
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 3, 1, 2, 2, generator=g)
+    output = torch.randn(x.shape, generator=g) * 0.3
+    noise = torch.randn(x.shape, generator=g)
+    t = torch.tensor([[0, 20, 49], [10, 10, 0]])
+    latent = torch.tensor([[1, 1, 1], [1, 0, 1.0]]).view(2, 3, 1, 1, 1)
+    model = lambda *a, **k: output  # noqa: E731
+    got = d.p_sample(model, x, t, model_kwargs={"latent_mask": latent}, noise=noise)["sample"]
+    ref = reference_p(chain, EPS, var_type, output, x, t)
+    expected = ref["mean"] + np.exp(0.5 * ref["log_variance"]) * noise.double().numpy() * (t > 0).view(2, 3, 1, 1, 1).numpy()
+    keep = ~latent.bool().expand_as(x)
+    np.testing.assert_allclose(got[~keep].double().numpy(), expected[~keep.numpy()], rtol=1e-4, atol=1e-5)
+    assert torch.equal(got[keep], x[keep])
+    # An explicit latent_mask overrides model_kwargs'; without noise the generator draws it.
+    drawn = d.p_sample(model, x, t, model_kwargs={"latent_mask": latent}, latent_mask=torch.ones_like(latent),
+                       generator=torch.Generator().manual_seed(9))["sample"]
+    redo = d.p_sample(model, x, t, noise=torch.randn(x.shape, generator=torch.Generator().manual_seed(9)))["sample"]
+    assert torch.equal(drawn, redo) and not torch.equal(drawn[1, 1], x[1, 1])
+
+
+def reference_ddim(chain, x0hat, xt, t, t_next, eta, noise):
+    """One DDIM step (Song et al. 2021, eq. 12) with sigma_t(eta) of eq. 16; returns sample, sigma."""
+    a, a_next = chain.a(t), chain.a(t_next)
+    eps = (xt - math.sqrt(a) * x0hat) / math.sqrt(1 - a)
+    sigma = eta * math.sqrt((1 - a_next) / (1 - a)) * math.sqrt(1 - a / a_next)
+    direction = math.sqrt(max(1 - a_next - sigma**2, 0.0))
+    return math.sqrt(a_next) * x0hat + direction * eps + sigma * noise, sigma
+
+
+@pytest.mark.parametrize("eta", [0.0, 0.5, 1.0])
+def test_ddim_step_is_eq_12_with_per_frame_targets(eta):
+    d = make_diffusion("cosine", steps=50, mean=X0, var=SMALL)
+    chain = Chain(d.betas)
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(1, 4, 1, 2, 2, generator=g)
+    x0hat = torch.randn(x.shape, generator=g) * 0.5
+    noise = torch.randn(x.shape, generator=g)
+    t = torch.tensor([[30, 30, 12, 5]])
+    t_next = torch.tensor([[29, 20, -1, 5]])  # one step, a jump, to clean, and a frame that stays
+    got = d.ddim_step(lambda *a, **k: x0hat, x, t, t_next, eta=eta, noise=noise)["sample"]
+    for f in range(3):
+        expected, _ = reference_ddim(chain, x0hat[0, f].double().numpy(), x[0, f].double().numpy(),
+                                     int(t[0, f]), int(t_next[0, f]), eta, noise[0, f].double().numpy())
+        np.testing.assert_allclose(got[0, f].double().numpy(), expected, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(got[0, 2], x0hat[0, 2], atol=1e-5, rtol=0)  # t_next = -1 lands on x0
+    assert torch.equal(got[0, 3], x[0, 3])
+
+
+def test_ddim_eta_one_matches_ancestral_variance():
+    """With eta = 1 the DDIM step's noise has sigma_t(1)^2 = beta~_t, the ancestral (posterior) variance,
+    and its mean is the posterior mean at the predicted x0 (Song et al. 2021, eq. 16 and Appendix)."""
+    d = make_diffusion("linear", steps=100, mean=X0, var=SMALL)
+    chain = Chain(d.betas)
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(2, 2, 1, 3, 3, generator=g)
+    x0hat = torch.rand(x.shape, generator=g) * 2 - 1
+    t = torch.tensor([[40, 90], [1, 70]])
+    model = lambda *a, **k: x0hat  # noqa: E731
+    mean = d.ddim_step(model, x, t, t - 1, eta=1.0, noise=torch.zeros_like(x))["sample"]
+    noise = torch.randn(x.shape, generator=g)
+    moved = d.ddim_step(model, x, t, t - 1, eta=1.0, noise=noise)["sample"]
+    for b in range(2):
+        for f in range(2):
+            tt = int(t[b, f])
+            sigma = math.sqrt((1 - chain.a(tt - 1)) / (1 - chain.a(tt))) * math.sqrt(1 - chain.a(tt) / chain.a(tt - 1))
+            assert sigma**2 == pytest.approx(chain.post_var(tt), rel=1e-9)
+            coefficient = (moved[b, f] - mean[b, f]).double() / noise[b, f].double()
+            np.testing.assert_allclose(coefficient.numpy(), sigma, rtol=2e-3)
+            expected_mean = chain.post_mean(x0hat[b, f].double().numpy(), x[b, f].double().numpy(), tt)
+            np.testing.assert_allclose(mean[b, f].double().numpy(), expected_mean, rtol=1e-4, atol=5e-5)
+
+
+def test_ddim_with_a_large_eta_drops_the_direction_instead_of_nan():
+    d = make_diffusion(mean=X0, var=SMALL)
+    chain = Chain(d.betas)
+    x, x0hat, noise = torch.randn(1, 1, 1, 2, 2), torch.rand(1, 1, 1, 2, 2) - 0.5, torch.randn(1, 1, 1, 2, 2)
+    t = torch.tensor([60])
+    got = d.ddim_step(lambda *a, **k: x0hat, x, t, torch.tensor([10]), eta=3.0, noise=noise)["sample"]
+    expected, sigma = reference_ddim(chain, x0hat.double().numpy(), x.double().numpy(), 60, 10, 3.0,
+                                     noise.double().numpy())
+    assert sigma**2 > 1 - chain.a(10)
+    np.testing.assert_allclose(got.double().numpy(), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_ddim_step_draws_noise_from_the_generator_and_keeps_observed_frames():
+    d = make_diffusion(mean=X0, var=SMALL)
+    x = torch.randn(1, 2, 1, 2, 2)
+    x0hat = torch.zeros_like(x)
+    t = torch.tensor([50])
+    latent = torch.tensor([0, 1.0]).view(1, 2, 1, 1, 1)
+    model = lambda *a, **k: x0hat  # noqa: E731
+    drawn = d.ddim_step(model, x, t, t - 1, eta=1.0, latent_mask=latent,
+                        generator=torch.Generator().manual_seed(3))["sample"]
+    noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(3))
+    redo = d.ddim_step(model, x, t, t - 1, eta=1.0, noise=noise)["sample"]
+    assert torch.equal(drawn[0, 0], x[0, 0]) and torch.equal(drawn[0, 1], redo[0, 1])
+    # eta = 0 is deterministic: a given noise is ignored.
+    quiet = d.ddim_step(model, x, t, t - 1, eta=0.0, noise=noise)["sample"]
+    assert torch.equal(quiet, d.ddim_step(model, x, t, t - 1, eta=0.0)["sample"])
+
+
+# ----------------------------------------------------------------------------- sampling loops, by hand
+
+def loop_model(x, t, **kwargs):
+    """A deterministic eps model that depends on x and on the (scaled) timestep."""
+    return 0.3 * x + 0.002 * t.view(-1, 1, 1, 1, 1)
+
+
+def test_p_sample_loop_is_the_ancestral_chain_step_by_step():
+    d = make_diffusion("cosine", steps=6, var=LARGE)
+    chain = Chain(d.betas)
+    shape = (1, 2, 1, 2, 2)
+    seen = []
+    got = d.p_sample_loop(loop_model, shape, generator=torch.Generator().manual_seed(8),
+                          callback=lambda out: seen.append((out["i"], out["sample"])))
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(shape, generator=g)
+    for i, t in enumerate(range(5, -1, -1)):
+        eps = loop_model(x, torch.tensor([t * 1000 / 6]))
+        noise = torch.randn(shape, generator=g)
+        ref = reference_p(chain, EPS, LARGE, eps, x, torch.tensor([t]))
+        x = torch.from_numpy(ref["mean"] + (t > 0) * np.exp(0.5 * ref["log_variance"]) * noise.double().numpy())
+        x = x.float()
+        assert seen[i][0] == i
+        torch.testing.assert_close(seen[i][1], x, atol=1e-4, rtol=1e-4)
+    assert len(seen) == 6
+    torch.testing.assert_close(got, x, atol=1e-4, rtol=1e-4)
+
+
+def test_ddim_sample_loop_with_eta_is_the_ddim_chain_step_by_step():
+    d = make_diffusion("cosine", steps=5, var=SMALL)
+    chain = Chain(d.betas)
+    shape = (2, 1, 1, 2, 2)
+    got = d.ddim_sample_loop(loop_model, shape, eta=0.7, generator=torch.Generator().manual_seed(1))
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(shape, generator=g).double().numpy()
+    for t in range(4, -1, -1):
+        eps = loop_model(torch.from_numpy(x), torch.full((2,), t * 1000 / 5, dtype=torch.float64)).numpy()
+        x0hat = np.clip(chain.x0_from(EPS, eps, x, t), -1, 1)
+        noise = torch.randn(shape, generator=g).double().numpy()
+        x, _ = reference_ddim(chain, x0hat, x, t, t - 1, 0.7, noise)
+    np.testing.assert_allclose(got.double().numpy(), x, atol=1e-4, rtol=1e-4)
+
+
+def test_sampling_uses_the_given_noise_and_no_autograd():
+    net = torch.nn.Linear(1, 1)  # only its parameters matter here: the step below does the work
+    d = make_diffusion("cosine", steps=4, var=SMALL)
+    noise = torch.randn(1, 2, 1, 2, 2)
+    first = []
+    for out in d.sample_loop_progressive(net, noise.shape, lambda x, t: (first.append(x.clone()),
+                                                                          {"sample": net.weight * x})[1],
+                                         noise=noise, progress=True):
+        assert not out["sample"].requires_grad
+    assert torch.equal(first[0], noise) and len(first) == 4
+
+
+# ----------------------------------------------------------------------------- the variational bound and losses
+
+def test_hybrid_loss_adds_vlb_with_lambda_one_thousandth():
+    """MSE + VLB * N / 1000 (improved DDPM, section 3.1), N = 250 so the rescaling shows; the VLB term is computed
+    here from the Gaussian KL and the discretized decoder likelihood, and sees the mean through a stop-gradient."""
+    steps = 250
+    d = make_diffusion("cosine", steps=steps, var=LEARNED, loss=gd.LossType.RESCALED_MSE)
+    chain = Chain(d.betas)
+    g = torch.Generator().manual_seed(12)
+    x0 = quantised_images((2, 3, 2, 3, 3), g)
+    noise = torch.randn(x0.shape, generator=g)
+    t = torch.tensor([[0, 1, 37], [120, 0, 200]])  # per frame: decoder terms and KL terms
+    eps = noise + 0.3 * torch.randn(x0.shape, generator=g)
+    var_values = torch.rand(x0.shape, generator=g) * 2 - 1
+    pred = torch.cat([eps, var_values], dim=2).requires_grad_(True)
+    terms = d.training_losses(lambda *a, **k: pred, x0, t, noise=noise)
+
+    a = torch.tensor([[chain.a(int(s)) for s in row] for row in t], dtype=torch.float64).view(2, 3, 1, 1, 1)
+    xt = (a.sqrt() * x0.double() + (1 - a).sqrt() * noise.double()).numpy()
+    ref = reference_p(chain, EPS, LEARNED, pred.detach(), torch.from_numpy(xt), t, clip=False)
+    bits = np.zeros(x0.shape)
+    for b in range(2):
+        for f in range(3):
+            bits[b, f] = reference_vb_bits(chain, x0[b, f].double().numpy(), xt[b, f], int(t[b, f]),
+                                           ref["mean"][b, f], ref["log_variance"][b, f])
+    expected_vb = bits.mean(axis=(1, 2, 3, 4)) * steps / 1000
+    expected_mse = ((eps - noise).double() ** 2).mean(dim=(1, 2, 3, 4)).numpy()
+    np.testing.assert_allclose(terms["vb"].detach().double().numpy(), expected_vb, rtol=1e-4)
+    np.testing.assert_allclose(terms["mse"].detach().double().numpy(), expected_mse, rtol=1e-5)
+    np.testing.assert_allclose(terms["loss"].detach().double().numpy(), expected_mse + expected_vb, rtol=1e-4)
+    # Frame by frame too, so that the small KL terms are not hidden by the decoder terms.
+    per_frame = d.training_losses(lambda *a, **k: pred, x0, t, noise=noise, per_frame_terms=True)
+    np.testing.assert_allclose(per_frame["vb"].detach().double().numpy(),
+                               bits.mean(axis=(2, 3, 4)) * steps / 1000, rtol=1e-4)
+
+    # The VLB term trains the variance only: no gradient reaches the mean channels through it.
+    grad_vb, = torch.autograd.grad(terms["vb"].sum(), pred, retain_graph=True)
+    assert torch.equal(grad_vb[:, :, :2], torch.zeros_like(grad_vb[:, :, :2]))
+    assert (grad_vb[:, :, 2:] != 0).float().mean() > 0.9
+    grad_loss, = torch.autograd.grad(terms["loss"].sum(), pred)
+    grad_mse = 2 * (eps - noise) / eps[0].numel()
+    torch.testing.assert_close(grad_loss[:, :, :2], grad_mse, atol=1e-7, rtol=1e-5)
+
+
+@pytest.mark.parametrize("loss_type, factor", [(gd.LossType.MSE, 1.0), (gd.LossType.RESCALED_MSE, 0.5)])
+def test_learned_variance_vlb_per_frame_and_masked(loss_type, factor):
+    steps = 500
+    d = make_diffusion("linear", steps=steps, var=LEARNED, loss=loss_type)
+    chain = Chain(d.betas)
+    g = torch.Generator().manual_seed(13)
+    x0 = quantised_images((1, 3, 1, 2, 2), g)
+    noise = torch.randn(x0.shape, generator=g)
+    latent = torch.tensor([1, 0, 1.0]).view(1, 3, 1, 1, 1)
+    pred = torch.cat([noise * 0.9, torch.rand(x0.shape, generator=g) * 2 - 1], dim=2)
+    t = torch.tensor([0])
+    terms = d.training_losses(lambda *a, **k: pred, x0, t, noise=noise, latent_mask=latent, per_frame_terms=True)
+    # t = 0 everywhere: only decoder terms; x_t of an observed frame is x0 itself.
+    a = chain.a(0)
+    expected = np.zeros((1, 3))
+    for f in (0, 2):
+        xt = math.sqrt(a) * x0[0, f].double().numpy() + math.sqrt(1 - a) * noise[0, f].double().numpy()
+        ref = reference_p(chain, EPS, LEARNED, pred[:, f:f + 1], torch.from_numpy(xt)[None, None], t, clip=False)
+        expected[0, f] = reference_vb_bits(chain, x0[0, f].double().numpy(), xt, 0, ref["mean"][0, 0],
+                                           ref["log_variance"][0, 0]).mean() * factor
+    np.testing.assert_allclose(terms["vb"].double().numpy(), expected, rtol=1e-4)
+    expected_mse = ((0.1 * noise) ** 2).mean(dim=(2, 3, 4)) * latent.view(1, 3)
+    torch.testing.assert_close(terms["mse"], expected_mse)
+    torch.testing.assert_close(terms["loss"], terms["mse"] + terms["vb"])
+
+
+@pytest.mark.parametrize("loss_type, factor", [(gd.LossType.KL, 1), (gd.LossType.RESCALED_KL, 40)])
+def test_kl_losses_are_the_bound_in_bits(loss_type, factor):
+    d = make_diffusion("cosine", steps=40, mean=X0, var=LARGE, loss=loss_type)
+    chain = Chain(d.betas)
+    g = torch.Generator().manual_seed(14)
+    x0 = quantised_images((2, 2, 1, 2, 2), g)
+    noise = torch.randn(x0.shape, generator=g)
+    # Unclipped (the bound sees the raw prediction), and near x0 so that the decoder likelihood does not underflow.
+    output = x0 * 1.1 + 0.002 * torch.randn(x0.shape, generator=g)
+    t = torch.tensor([[0, 3], [25, 39]])
+    seen = []
+    terms = d.training_losses(lambda x, s, **k: (seen.append(k), output)[1], x0, t, {"c": 2}, noise=noise)
+    assert seen == [{"c": 2}] and set(terms) == {"loss"}
+    expected = np.zeros(2)
+    for b in range(2):
+        per_frame = []
+        for f in range(2):
+            tt = int(t[b, f])
+            xt = math.sqrt(chain.a(tt)) * x0[b, f].double().numpy() + math.sqrt(1 - chain.a(tt)) * noise[b, f].double().numpy()
+            mean = chain.post_mean(output[b, f].double().numpy(), xt, tt)
+            per_frame.append(reference_vb_bits(chain, x0[b, f].double().numpy(), xt, tt, mean, chain.log_var(LARGE, tt)))
+        expected[b] = np.mean(per_frame) * factor
+    np.testing.assert_allclose(terms["loss"].double().numpy(), expected, rtol=1e-4)
+
+
+@pytest.mark.parametrize("mean_type", [EPS, X0, V])
+def test_mse_targets_of_each_parameterization(mean_type):
+    d = make_diffusion("cosine", steps=30, mean=mean_type, var=SMALL)
+    chain = Chain(d.betas)
+    x0 = torch.rand(2, 2, 1, 2, 2) * 2 - 1
+    t = torch.tensor([4, 21])
+    output = torch.randn(x0.shape)
+    torch.manual_seed(21)
+    terms = d.training_losses(lambda *a, **k: output, x0, t)
+    torch.manual_seed(21)
+    noise = torch.randn_like(x0).double()
+    a = torch.tensor([chain.a(4), chain.a(21)], dtype=torch.float64).view(2, 1, 1, 1, 1)
+    target = {EPS: noise, X0: x0.double(), V: a.sqrt() * noise - (1 - a).sqrt() * x0.double()}[mean_type]
+    expected = ((output.double() - target) ** 2).mean(dim=(1, 2, 3, 4))
+    torch.testing.assert_close(terms["mse"].double(), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(terms["loss"], terms["mse"])
+    # The model saw x_t (from the same noise) at the scaled timestep.
+    seen = []
+    d.training_losses(lambda x, s, **k: (seen.append((x, s)), output)[1], x0, t, noise=noise.float())
+    torch.testing.assert_close(seen[0][0].double(), a.sqrt() * x0.double() + (1 - a).sqrt() * noise, atol=1e-6, rtol=0)
+    assert seen[0][1].tolist() == pytest.approx([4 * 1000 / 30, 21 * 1000 / 30])
+
+
+def test_kl_loss_per_frame_counts_latent_frames_only():
+    d = make_diffusion("cosine", steps=40, mean=EPS, var=SMALL, loss=gd.LossType.KL)
+    chain = Chain(d.betas)
+    g = torch.Generator().manual_seed(15)
+    x0 = quantised_images((1, 3, 1, 2, 2), g)
+    noise = torch.randn(x0.shape, generator=g)
+    output = noise + 0.2 * torch.randn(x0.shape, generator=g)
+    latent = torch.tensor([1, 0, 1.0]).view(1, 3, 1, 1, 1)
+    t = torch.tensor([[9, 20, 30]])
+    got = d.training_losses(lambda *a, **k: output, x0, t, {"latent_mask": latent}, noise=noise, per_frame_terms=True)
+    expected = np.zeros((1, 3))
+    for f in (0, 2):
+        tt = int(t[0, f])
+        xt = math.sqrt(chain.a(tt)) * x0[0, f].double().numpy() + math.sqrt(1 - chain.a(tt)) * noise[0, f].double().numpy()
+        mean = chain.post_mean(chain.x0_from(EPS, output[0, f].double().numpy(), xt, tt), xt, tt)
+        expected[0, f] = reference_vb_bits(chain, x0[0, f].double().numpy(), xt, tt, mean, chain.log_var(SMALL, tt)).mean()
+    np.testing.assert_allclose(got["loss"].double().numpy(), expected, rtol=1e-4)
+    whole = d.training_losses(lambda *a, **k: output, x0, t, {"latent_mask": latent}, noise=noise)["loss"]
+    assert whole.item() == pytest.approx(expected[0, [0, 2]].mean(), rel=1e-4)
+
+
+def test_frame_weights_weight_the_squared_error_of_each_frame():
+    d = make_diffusion("cosine", steps=20, mean=X0, var=SMALL)
+    x0 = torch.rand(2, 3, 1, 2, 2) * 2 - 1
+    output = torch.randn(x0.shape)
+    weights = torch.tensor([[2.0, 0.5, 1.0], [0.0, 3.0, 1.5]], dtype=torch.float64)
+    latent = torch.tensor([[1, 1, 0], [1, 1, 1.0]]).view(2, 3, 1, 1, 1)
+    terms = d.training_losses(lambda *a, **k: output, x0, torch.tensor([3, 15]), noise=torch.randn(x0.shape),
+                              latent_mask=latent, frame_weights=weights)
+    frame_se = ((output - x0).double() ** 2).mean(dim=(2, 3, 4))  # x0 prediction: the target is x0
+    keep = latent.view(2, 3).double()
+    expected_mse = (frame_se * keep).sum(1) / keep.sum(1)
+    expected_loss = (frame_se * weights * keep).sum(1) / keep.sum(1)
+    torch.testing.assert_close(terms["mse"].double(), expected_mse, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(terms["loss"].double(), expected_loss, atol=1e-6, rtol=1e-6)
+
+
+def test_loss_weighting_defaults_are_min_snr_five_and_decay_point_96():
+    kwargs = dict(betas=gd.get_named_beta_schedule("cosine", 100), model_var_type=SMALL, loss_type=gd.LossType.MSE)
+    chain = Chain(kwargs["betas"])
+    snr = lambda t: chain.a(t) / (1 - chain.a(t))  # noqa: E731
+    t = torch.tensor([[0, 30, 90], [60, 60, 60]])
+    assert gd.GaussianDiffusion(model_mean_type=EPS, **kwargs).loss_frame_weights(t, 3) is None
+    torch.testing.assert_close(gd.GaussianDiffusion(model_mean_type=V, **kwargs).snr(t),
+                               torch.tensor([[snr(int(s)) for s in row] for row in t], dtype=torch.float64))
+    for mean_type in (EPS, X0, V):
+        d = gd.GaussianDiffusion(model_mean_type=mean_type, loss_weighting="min_snr", **kwargs)
+        got = d.loss_frame_weights(t, 3)
+        assert got.dtype == torch.float32 and got.shape == (2, 3)
+        for b in range(2):
+            for f in range(3):
+                s = snr(int(t[b, f]))
+                expected = {EPS: min(s, 5) / s, X0: min(s, 5), V: min(s, 5) / (s + 1)}[mean_type]
+                assert got[b, f].item() == pytest.approx(expected, rel=1e-6)
+    # Fused SNR, per-video t: frame 1 sees frame 0's normalised clipped SNR s through the decay 0.96.
+    d = gd.GaussianDiffusion(model_mean_type=X0, loss_weighting="fused_snr", **kwargs)
+    got = d.loss_frame_weights(torch.tensor([60]), 2)
+    s = min(snr(60), 5) / 5
+    assert got[0, 0].item() == pytest.approx(s * 5, rel=1e-6)
+    assert got[0, 1].item() == pytest.approx((1 - (1 - 0.96 * s) * (1 - s)) * 5, rel=1e-6)
