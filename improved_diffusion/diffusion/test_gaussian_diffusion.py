@@ -402,6 +402,8 @@ def test_means_over_latent_frames():
     assert gd.mean_over_latent(x, mask).tolist() == [2.5, 0.0]
     assert gd.frame_means_over_latent(x, None).tolist() == [[0.5, 2.5, 4.5], [6.5, 8.5, 10.5]]
     assert gd.frame_means_over_latent(x, mask).tolist() == [[0.5, 0.0, 4.5], [0.0, 0.0, 0.0]]
+    single = torch.tensor([3.0, 5.0]).view(1, 2, 1, 1, 1)
+    assert gd.mean_over_latent(single, torch.tensor([0, 1.0]).view(1, 2, 1, 1, 1)).tolist() == [5.0]
 
 
 def test_latent_mask_from_prefers_the_argument_then_model_kwargs():
@@ -514,8 +516,8 @@ def test_denoised_fn_runs_on_x0_before_the_clip():
 
 def test_learned_range_needs_twice_the_channels():
     d = make_diffusion(var=LEARNED)
-    x = torch.zeros(1, 1, 3, 2, 2)
-    with pytest.raises(ValueError, match="6 output channels"):
+    x = torch.zeros(1, 1, 2, 3, 3)
+    with pytest.raises(ValueError, match="needs 4 output channels per frame, got 2"):
         d.p_mean_variance(lambda *a, **k: torch.zeros_like(x), x, torch.tensor([3]))
 
 
@@ -529,17 +531,26 @@ def test_p_sample_adds_scaled_noise_except_at_t_zero_on_latent_frames_only(var_t
     noise = torch.randn(x.shape, generator=g)
     t = torch.tensor([[0, 20, 49], [10, 10, 0]])
     latent = torch.tensor([[1, 1, 1], [1, 0, 1.0]]).view(2, 3, 1, 1, 1)
-    model = lambda *a, **k: output  # noqa: E731
-    got = d.p_sample(model, x, t, model_kwargs={"latent_mask": latent}, noise=noise)["sample"]
-    ref = reference_p(chain, EPS, var_type, output, x, t)
-    expected = ref["mean"] + np.exp(0.5 * ref["log_variance"]) * noise.double().numpy() * (t > 0).view(2, 3, 1, 1, 1).numpy()
+    seen = []
+    model = lambda x_in, t_in, **k: (seen.append(k), output)[1]  # noqa: E731
+    shrink = lambda x0: 0.5 * x0  # noqa: E731
+    result = d.p_sample(model, x, t, model_kwargs={"latent_mask": latent}, noise=noise, denoised_fn=shrink)
+    got = result["sample"]
+    assert seen == [{"latent_mask": latent}]
+    ref = reference_p(chain, EPS, var_type, output, x, t, denoised_fn=shrink)
+    np.testing.assert_allclose(result["pred_xstart"].double().numpy(), ref["pred_xstart"], rtol=1e-4, atol=1e-5)
+    nonzero = (t > 0).view(2, 3, 1, 1, 1).numpy()
+    expected = ref["mean"] + np.exp(0.5 * ref["log_variance"]) * noise.double().numpy() * nonzero
     keep = ~latent.bool().expand_as(x)
     np.testing.assert_allclose(got[~keep].double().numpy(), expected[~keep.numpy()], rtol=1e-4, atol=1e-5)
     assert torch.equal(got[keep], x[keep])
     # An explicit latent_mask overrides model_kwargs'; without noise the generator draws it.
+    # (float64 frames: the noise is drawn in their dtype, which changes the draws.)
+    x = x.double()
     drawn = d.p_sample(model, x, t, model_kwargs={"latent_mask": latent}, latent_mask=torch.ones_like(latent),
                        generator=torch.Generator().manual_seed(9))["sample"]
-    redo = d.p_sample(model, x, t, noise=torch.randn(x.shape, generator=torch.Generator().manual_seed(9)))["sample"]
+    noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    redo = d.p_sample(model, x, t, noise=noise)["sample"]
     assert torch.equal(drawn, redo) and not torch.equal(drawn[1, 1], x[1, 1])
 
 
@@ -558,11 +569,18 @@ def test_ddim_step_is_eq_12_with_per_frame_targets(eta):
     chain = Chain(d.betas)
     g = torch.Generator().manual_seed(4)
     x = torch.randn(1, 4, 1, 2, 2, generator=g)
-    x0hat = torch.randn(x.shape, generator=g) * 0.5
+    x0hat = torch.randn(x.shape, generator=g)
     noise = torch.randn(x.shape, generator=g)
+    assert ((x0hat + 0.1).abs() > 1).any()  # so that the default clip_denoised bites
     t = torch.tensor([[30, 30, 12, 5]])
     t_next = torch.tensor([[29, 20, -1, 5]])  # one step, a jump, to clean, and a frame that stays
-    got = d.ddim_step(lambda *a, **k: x0hat, x, t, t_next, eta=eta, noise=noise)["sample"]
+    seen = []
+    result = d.ddim_step(lambda x_in, t_in, **k: (seen.append(k), x0hat)[1], x, t, t_next, eta=eta, noise=noise,
+                         denoised_fn=lambda x0: x0 + 0.1, model_kwargs={"k": 1})
+    got = result["sample"]
+    assert seen == [{"k": 1}]
+    x0hat = (x0hat + 0.1).clamp(-1, 1)  # denoised, then clipped
+    torch.testing.assert_close(result["pred_xstart"], x0hat)
     for f in range(3):
         expected, _ = reference_ddim(chain, x0hat[0, f].double().numpy(), x[0, f].double().numpy(),
                                      int(t[0, f]), int(t_next[0, f]), eta, noise[0, f].double().numpy())
@@ -609,19 +627,21 @@ def test_ddim_with_a_large_eta_drops_the_direction_instead_of_nan():
 
 def test_ddim_step_draws_noise_from_the_generator_and_keeps_observed_frames():
     d = make_diffusion(mean=X0, var=SMALL)
-    x = torch.randn(1, 2, 1, 2, 2)
+    x = torch.randn(1, 2, 1, 2, 2, dtype=torch.float64)  # the noise is drawn in x's dtype
     x0hat = torch.zeros_like(x)
     t = torch.tensor([50])
     latent = torch.tensor([0, 1.0]).view(1, 2, 1, 1, 1)
     model = lambda *a, **k: x0hat  # noqa: E731
     drawn = d.ddim_step(model, x, t, t - 1, eta=1.0, latent_mask=latent,
                         generator=torch.Generator().manual_seed(3))["sample"]
-    noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(3))
+    noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     redo = d.ddim_step(model, x, t, t - 1, eta=1.0, noise=noise)["sample"]
     assert torch.equal(drawn[0, 0], x[0, 0]) and torch.equal(drawn[0, 1], redo[0, 1])
-    # eta = 0 is deterministic: a given noise is ignored.
-    quiet = d.ddim_step(model, x, t, t - 1, eta=0.0, noise=noise)["sample"]
+    # The default eta = 0 is deterministic: a given noise is ignored, and no random number is drawn.
+    quiet = d.ddim_step(model, x, t, t - 1, noise=noise)["sample"]
+    torch.manual_seed(0)
     assert torch.equal(quiet, d.ddim_step(model, x, t, t - 1, eta=0.0)["sample"])
+    assert torch.equal(torch.rand(3), torch.rand(3, generator=torch.Generator().manual_seed(0)))
 
 
 # ----------------------------------------------------------------------------- sampling loops, by hand
@@ -667,16 +687,17 @@ def test_ddim_sample_loop_with_eta_is_the_ddim_chain_step_by_step():
     np.testing.assert_allclose(got.double().numpy(), x, atol=1e-4, rtol=1e-4)
 
 
-def test_sampling_uses_the_given_noise_and_no_autograd():
+def test_sampling_uses_the_given_noise_and_no_autograd(capsys):
     net = torch.nn.Linear(1, 1)  # only its parameters matter here: the step below does the work
     d = make_diffusion("cosine", steps=4, var=SMALL)
     noise = torch.randn(1, 2, 1, 2, 2)
     first = []
     for out in d.sample_loop_progressive(net, noise.shape, lambda x, t: (first.append(x.clone()),
                                                                           {"sample": net.weight * x})[1],
-                                         noise=noise, progress=True):
+                                         noise=noise):
         assert not out["sample"].requires_grad
     assert torch.equal(first[0], noise) and len(first) == 4
+    assert capsys.readouterr().err == ""  # no progress bar unless asked
 
 
 # ----------------------------------------------------------------------------- the variational bound and losses
@@ -767,9 +788,10 @@ def test_kl_losses_are_the_bound_in_bits(loss_type, factor):
         per_frame = []
         for f in range(2):
             tt = int(t[b, f])
-            xt = math.sqrt(chain.a(tt)) * x0[b, f].double().numpy() + math.sqrt(1 - chain.a(tt)) * noise[b, f].double().numpy()
+            clean = x0[b, f].double().numpy()
+            xt = math.sqrt(chain.a(tt)) * clean + math.sqrt(1 - chain.a(tt)) * noise[b, f].double().numpy()
             mean = chain.post_mean(output[b, f].double().numpy(), xt, tt)
-            per_frame.append(reference_vb_bits(chain, x0[b, f].double().numpy(), xt, tt, mean, chain.log_var(LARGE, tt)))
+            per_frame.append(reference_vb_bits(chain, clean, xt, tt, mean, chain.log_var(LARGE, tt)))
         expected[b] = np.mean(per_frame) * factor
     np.testing.assert_allclose(terms["loss"].double().numpy(), expected, rtol=1e-4)
 
@@ -810,9 +832,10 @@ def test_kl_loss_per_frame_counts_latent_frames_only():
     expected = np.zeros((1, 3))
     for f in (0, 2):
         tt = int(t[0, f])
-        xt = math.sqrt(chain.a(tt)) * x0[0, f].double().numpy() + math.sqrt(1 - chain.a(tt)) * noise[0, f].double().numpy()
+        clean = x0[0, f].double().numpy()
+        xt = math.sqrt(chain.a(tt)) * clean + math.sqrt(1 - chain.a(tt)) * noise[0, f].double().numpy()
         mean = chain.post_mean(chain.x0_from(EPS, output[0, f].double().numpy(), xt, tt), xt, tt)
-        expected[0, f] = reference_vb_bits(chain, x0[0, f].double().numpy(), xt, tt, mean, chain.log_var(SMALL, tt)).mean()
+        expected[0, f] = reference_vb_bits(chain, clean, xt, tt, mean, chain.log_var(SMALL, tt)).mean()
     np.testing.assert_allclose(got["loss"].double().numpy(), expected, rtol=1e-4)
     whole = d.training_losses(lambda *a, **k: output, x0, t, {"latent_mask": latent}, noise=noise)["loss"]
     assert whole.item() == pytest.approx(expected[0, [0, 2]].mean(), rel=1e-4)
@@ -832,6 +855,7 @@ def test_frame_weights_weight_the_squared_error_of_each_frame():
     expected_loss = (frame_se * weights * keep).sum(1) / keep.sum(1)
     torch.testing.assert_close(terms["mse"].double(), expected_mse, atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(terms["loss"].double(), expected_loss, atol=1e-6, rtol=1e-6)
+    assert terms["loss"].dtype == torch.float32  # float64 weights do not change the loss's dtype
 
 
 def test_loss_weighting_defaults_are_min_snr_five_and_decay_point_96():
@@ -853,7 +877,145 @@ def test_loss_weighting_defaults_are_min_snr_five_and_decay_point_96():
                 assert got[b, f].item() == pytest.approx(expected, rel=1e-6)
     # Fused SNR, per-video t: frame 1 sees frame 0's normalised clipped SNR s through the decay 0.96.
     d = gd.GaussianDiffusion(model_mean_type=X0, loss_weighting="fused_snr", **kwargs)
-    got = d.loss_frame_weights(torch.tensor([60]), 2)
+    got = d.loss_frame_weights(torch.tensor([60, 60]), 2)
     s = min(snr(60), 5) / 5
-    assert got[0, 0].item() == pytest.approx(s * 5, rel=1e-6)
-    assert got[0, 1].item() == pytest.approx((1 - (1 - 0.96 * s) * (1 - s)) * 5, rel=1e-6)
+    for b in range(2):
+        assert got[b, 0].item() == pytest.approx(s * 5, rel=1e-6)
+        assert got[b, 1].item() == pytest.approx((1 - (1 - 0.96 * s) * (1 - s)) * 5, rel=1e-6)
+    # A known (clean) frame weighs 0 and counts as fully known (s = 1); a frame out of the sequence reads no context.
+    got = d.loss_frame_weights(torch.tensor([[0, 60]]), 2, known=torch.tensor([[True, False]]))
+    assert got[0, 0] == 0 and got[0, 1].item() == pytest.approx((1 - (1 - 0.96) * (1 - s)) * 5, rel=1e-6)
+    got = d.loss_frame_weights(torch.tensor([[60, 60]]), 2, in_sequence=torch.tensor([[True, False]]))
+    assert got[0, 1].item() == pytest.approx(s * 5, rel=1e-6)
+    assert d.snr(torch.tensor([3], device="meta")).device.type == "meta"
+
+
+def test_vb_terms_bpd_defaults_clip_and_average_over_latent_frames():
+    d = make_diffusion("cosine", steps=40, mean=X0, var=LARGE)
+    chain = Chain(d.betas)
+    g = torch.Generator().manual_seed(16)
+    x0 = quantised_images((2, 2, 1, 2, 2), g)
+    xt = torch.randn(x0.shape, generator=g)
+    output = x0 * 1.5  # beyond [-1, 1] where |x0| > 2/3: the default clip_denoised bites
+    t = torch.tensor([[5, 1], [12, 33]])
+    seen = []
+    got = d.vb_terms_bpd(lambda x_in, t_in, **k: (seen.append(k), output)[1], x0, xt, t, model_kwargs={"k": 1})
+    assert seen == [{"k": 1}]
+    clipped = output.clamp(-1, 1)
+    torch.testing.assert_close(got["pred_xstart"], clipped)
+    bits = np.zeros((2, 2))
+    for b in range(2):
+        for f in range(2):
+            tt = int(t[b, f])
+            mean = chain.post_mean(clipped[b, f].double().numpy(), xt[b, f].double().numpy(), tt)
+            bits[b, f] = reference_vb_bits(chain, x0[b, f].double().numpy(), xt[b, f].double().numpy(), tt, mean,
+                                           chain.log_var(LARGE, tt)).mean()
+    np.testing.assert_allclose(got["output"].double().numpy(), bits.mean(axis=1), rtol=1e-4)
+    latent = torch.tensor([[0, 1], [1, 1.0]]).view(2, 2, 1, 1, 1)
+    masked = d.vb_terms_bpd(lambda *a, **k: output, x0, xt, t, latent_mask=latent)["output"]
+    np.testing.assert_allclose(masked.double().numpy(), [bits[0, 1], bits[1].mean()], rtol=1e-4)
+
+
+def test_training_noise_clamps_only_when_clip_noise_is_positive():
+    noise = torch.tensor([-3.0, -0.7, 0.2, 0.6, 2.5])
+    d = make_diffusion()
+    assert torch.equal(d.training_noise(noise), noise)
+    d.clip_noise = 0.5
+    assert d.training_noise(noise).tolist() == pytest.approx([-0.5, -0.5, 0.2, 0.5, 0.5])
+
+
+def test_the_model_is_trained_on_x_t_with_observed_frames_clean():
+    d = make_diffusion("cosine", steps=20, mean=V, var=SMALL)
+    x0 = torch.rand(1, 3, 1, 2, 2) * 2 - 1
+    noise = torch.randn(x0.shape)
+    latent = torch.tensor([0, 1, 1.0]).view(1, 3, 1, 1, 1)
+    seen = []
+    d.training_losses(lambda x, s, **k: (seen.append((x, k)), torch.zeros_like(x))[1], x0, torch.tensor([[2, 9, 17]]),
+                      {"latent_mask": latent, "y": 3}, noise=noise)
+    x_in, kwargs = seen[0]
+    assert kwargs["y"] == 3 and torch.equal(x_in[0, 0], x0[0, 0])
+    for f, tt in ((1, 9), (2, 17)):
+        a = abar(d.betas)[tt]
+        expected = math.sqrt(a) * x0[0, f].double() + math.sqrt(1 - a) * noise[0, f].double()
+        torch.testing.assert_close(x_in[0, f].double(), expected, atol=1e-6, rtol=0)
+
+
+def test_frame_weights_leave_the_learned_variance_term_unweighted():
+    d = make_diffusion("cosine", steps=100, var=LEARNED, loss=gd.LossType.RESCALED_MSE)
+    g = torch.Generator().manual_seed(17)
+    x0 = quantised_images((1, 2, 1, 2, 2), g)
+    noise = torch.randn(x0.shape, generator=g)
+    pred = torch.cat([noise + 0.5, torch.zeros_like(x0)], dim=2)  # squared error 0.25 everywhere
+    weights = torch.tensor([[3.0, 0.5]])
+    t = torch.tensor([[10, 60]])
+    plain = d.training_losses(lambda *a, **k: pred, x0, t, noise=noise, per_frame_terms=True)
+    weighted = d.training_losses(lambda *a, **k: pred, x0, t, noise=noise, per_frame_terms=True, frame_weights=weights)
+    torch.testing.assert_close(weighted["vb"], plain["vb"])
+    assert (plain["vb"] > 0).all()
+    torch.testing.assert_close(weighted["mse"], torch.full((1, 2), 0.25))
+    torch.testing.assert_close(weighted["loss"], 0.25 * weights + plain["vb"])
+
+
+# ----------------------------------------------------------------------------- sampling loops: their arguments
+
+def test_sampling_loops_pass_noise_mask_denoiser_and_kwargs_to_every_step():
+    d = make_diffusion("cosine", steps=4, mean=X0, var=SMALL)
+    shape = (1, 3, 1, 2, 2)
+    noise = torch.randn(shape)
+    x0 = torch.rand(shape) * 2 - 1
+    latent = torch.tensor([1, 0, 1.0]).view(1, 3, 1, 1, 1)
+    kwargs = {"x0": x0.double(), "y": 5}
+    for loop in ("p_sample_loop", "ddim_sample_loop"):
+        seen, calls = [], []
+
+        def model(x, t, **k):
+            seen.append((x.clone(), k))
+            return torch.zeros_like(x)  # predicts x0 = 0, which the denoiser moves to 0.5
+
+        got = getattr(d, loop)(model, shape, noise=noise, model_kwargs=kwargs, latent_mask=latent,
+                               denoised_fn=lambda p: p + 0.5, callback=lambda out: calls.append(out["i"]))
+        assert calls == [0, 1, 2, 3] and len(seen) == 4
+        first_input = seen[0][0]
+        assert torch.equal(first_input[0, 0], noise[0, 0]) and torch.equal(first_input[0, 2], noise[0, 2])
+        assert torch.equal(first_input[0, 1], x0[0, 1])  # the explicit latent_mask marks frame 1 observed
+        assert all(k["y"] == 5 for _, k in seen)
+        assert got.dtype == noise.dtype and torch.equal(got[0, 1], x0[0, 1])
+        # The last step lands on the denoised x0 prediction (no noise at t = 0).
+        torch.testing.assert_close(got[0, [0, 2]], torch.full((2, 1, 2, 2), 0.5), atol=1e-5, rtol=0, msg=loop)
+
+
+def test_ddim_sample_loop_is_deterministic_by_default():
+    d = make_diffusion("cosine", steps=5, var=SMALL)
+    noise = torch.randn(1, 1, 1, 2, 2)
+    a = d.ddim_sample_loop(loop_model, noise.shape, noise=noise, generator=torch.Generator().manual_seed(1))
+    b = d.ddim_sample_loop(loop_model, noise.shape, noise=noise, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(a, b)
+
+
+def test_sampling_runs_on_the_models_or_the_requested_device():
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.tensor(0.1, device="meta"))
+
+        def forward(self, x, t, **kwargs):
+            return x * self.w
+
+    d = make_diffusion("cosine", steps=3, var=SMALL)
+    shape = (1, 2, 1, 2, 2)
+    # The meta device stands in for an accelerator: a tensor left on the CPU would not mix with it.
+    for loop, extra in (("p_sample_loop", {}), ("ddim_sample_loop", {"eta": 1.0})):
+        assert getattr(d, loop)(Model(), shape, **extra).device.type == "meta"
+        assert getattr(d, loop)(lambda x, t, **k: 0.1 * x, shape, device="meta", **extra).device.type == "meta"
+        assert getattr(d, loop)(lambda x, t, **k: 0.1 * x, shape, **extra).device.type == "cpu"
+        noise = torch.randn(shape)  # given on the CPU, moved to the requested device
+        assert getattr(d, loop)(lambda x, t, **k: 0.1 * x, shape, noise=noise, device="meta").device.type == "meta"
+
+
+def test_progress_bar_only_when_asked(capsys):
+    d = make_diffusion("cosine", steps=3, var=SMALL)
+    for loop in ("p_sample_loop", "ddim_sample_loop"):
+        getattr(d, loop)(lambda x, t, **k: 0.1 * x, (1, 1, 1, 1, 1))
+        assert capsys.readouterr().err == ""
+        getattr(d, loop)(lambda x, t, **k: 0.1 * x, (1, 1, 1, 1, 1), progress=True)
+        assert "0/3" in capsys.readouterr().err
