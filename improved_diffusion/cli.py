@@ -10,7 +10,7 @@ import dataclasses
 import sys
 import traceback
 
-from .errors import UserError
+from .errors import ConfigError, UserError
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -47,6 +47,26 @@ def dataclass_from_dict(cls, values):
     """An instance of `cls` from the entries of `values` that are its fields (others are ignored)."""
     names = {f.name for f in dataclasses.fields(cls)}
     return cls(**{k: v for k, v in values.items() if k in names})
+
+
+def device_flag(value):
+    """The torch.device a --device flag names (None: this rank's default), or a ConfigError naming it.
+
+    Checked before any model is built: a malformed name or a GPU this machine lacks is one sentence.
+    """
+    import torch
+
+    from . import dist_util
+
+    if value is None:
+        return dist_util.dev()
+    try:
+        device = torch.device(value)
+    except (RuntimeError, ValueError, TypeError):
+        raise ConfigError(f"--device {value!r} is not a device name such as cpu or cuda:0.") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {value} asks for a GPU, but torch sees none on this machine.")
+    return device
 
 
 def run(main, parser, argv=None):

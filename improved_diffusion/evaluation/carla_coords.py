@@ -46,6 +46,7 @@ from scipy.optimize import linear_sum_assignment
 from tqdm import tqdm
 
 from ..checkpoints import read_checkpoint_file
+from ..cli import device_flag
 from ..errors import CheckpointError, ConfigError, DatasetError
 from .metrics import to_pixel_scale
 from ..results import find_samples, read_sample
@@ -204,16 +205,6 @@ def load_model(path, kind, device="cpu", config=None):
     return model.to(device).eval()
 
 
-def check_device(device):
-    """A ConfigError unless torch can run on `device` here."""
-    try:
-        kind = torch.device(device).type
-    except (RuntimeError, TypeError):
-        raise ConfigError(f"--device {device!r} is not a torch device (e.g. cpu, cuda, cuda:1).") from None
-    if kind == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--device {device} asks for CUDA, which is not available here; use --device cpu.")
-
-
 def _read_state(path, what):
     """The dict a weights file holds (read with weights_only=True), or a CheckpointError naming the file."""
     data = read_checkpoint_file(path)
@@ -315,7 +306,7 @@ def write_dataset_world_coords(dataset_dir, classifier_path, regressor_path, bat
 def _check_coords_args(batch_size, device):
     if batch_size < 1:
         raise ConfigError(f"--batch_size must be at least 1, got {batch_size}.")
-    check_device(device)
+    device_flag(device)
 
 
 def _write_coords(jobs, classifier_path, regressor_path, batch_size, device, out_dir, log):
@@ -503,7 +494,7 @@ def train_and_save(out, data_dir, kind, layers=RESNET152_LAYERS, width=64, init_
         raise ConfigError(f"--out {out} is a folder; name the checkpoint file to write.")
     if width < 1 or min(layers) < 1:
         raise ConfigError(f"--width and --layers must be at least 1, got width {width} and layers {list(layers)}.")
-    check_device(train_kwargs.get("device", "cpu"))
+    device_flag(train_kwargs.get("device", "cpu"))
     config = CoordinateModelConfig(layers=tuple(layers), width=width)
     init_state = None
     if init_from is not None:

@@ -29,10 +29,10 @@ from tqdm.auto import tqdm
 
 from .. import dist_util
 from .evaluate import (
-    HIGHER_IS_BETTER, PER_FRAME_METRICS, EvalError, evaluate, format_value,
+    HIGHER_IS_BETTER, PER_FRAME_METRICS, evaluate, format_value, load_detector,
     write_metrics,
 )
-from .metrics import MetricUnavailable, load_i3d, load_lpips
+from .metrics import MetricUnavailable, load_lpips
 from .plots import frame_strip, plot_per_frame
 from ..errors import ConfigError, UserError
 from ..models import UNetVideoModel
@@ -206,10 +206,7 @@ def evaluate_schemes(schemes, out_dir, metrics, i3d_path=None, n_videos=None, da
         except MetricUnavailable:
             pass  # evaluate() records why it was skipped
     if "fvd" in metrics and i3d_path:
-        try:
-            detector = load_i3d(i3d_path, device="cuda" if torch.cuda.is_available() else "cpu")
-        except ValueError as e:
-            raise EvalError(str(e)) from None
+        detector = load_detector(i3d_path)
     results = {}
     for scheme in schemes:
         eval_dir = os.path.join(out_dir, scheme)

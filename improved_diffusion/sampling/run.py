@@ -28,7 +28,7 @@ import torch
 
 from .. import dist_util
 from ..checkpoints import df_to_config, load_checkpoint, read_df_checkpoint, read_df_config, read_model_checkpoint
-from ..cli import dataclass_from_dict
+from ..cli import dataclass_from_dict, device_flag
 from ..data.datasets import get_dataset
 from ..data.pixels import to_uint8
 from ..diffusion import DiffusionConfig
@@ -124,19 +124,6 @@ def check_folder(flag, path):
         raise ConfigError(f"--{flag} {path} is a file, not a folder.")
 
 
-def check_device(device):
-    """torch.device(device), or a ConfigError when it is malformed or not on this machine."""
-    if device is None:
-        return dist_util.dev()
-    try:
-        device = torch.device(device)
-    except (RuntimeError, ValueError):
-        raise ConfigError(f"--device {device!r} is not a device name such as cpu or cuda:0.") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--device {device} asks for a GPU, but torch sees none on this machine.")
-    return device
-
-
 def sample_dataset(checkpoint_path, sampling_scheme="autoreg", *, T=DEFAULT, n_obs=DEFAULT, max_frames=DEFAULT,
                    max_latent_frames=DEFAULT, noise_schedule=None, uncertainty_scale=None, stabilization_level=None,
                    chunk_size=None, sampling_steps=None, optimality=None, timestep_respacing="", use_ddim=None,
@@ -184,7 +171,7 @@ def sample_dataset(checkpoint_path, sampling_scheme="autoreg", *, T=DEFAULT, n_o
     if start_index >= len(data):
         raise ConfigError(f"--start_index {start_index} is past the last of the {len(data)} test videos of "
                           f"{dataset_name}.")
-    device = check_device(device)
+    device = device_flag(device)
 
     # ---- this rank's videos
     rank, world_size = dist_util.setup_dist()
