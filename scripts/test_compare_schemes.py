@@ -17,6 +17,7 @@ from PIL import Image
 from conftest import load_script
 
 from improved_diffusion import cli
+from improved_diffusion.evaluation import compare
 from improved_diffusion.sampling.noise_schedules import noise_levels
 from improved_diffusion.sampling.scheme import Scheme
 from improved_diffusion.script_util import DiffusionConfig, ModelConfig, create_model
@@ -131,20 +132,45 @@ def test_impossible_settings_fail_before_sampling(checkpoint, tmp_path, capsys, 
 def test_other_settings_in_the_same_out_dir_are_refused(checkpoint, compared, capsys):
     code, _, err = run(capsys, checkpoint, *ARGS, "--T", "10", "--out_dir", compared)
     assert code == 2 and "made with T=8, not 10" in err and err.count("\n") == 1, err
+    code, _, err = run(capsys, checkpoint, *ARGS, "--precision", "bf16", "--out_dir", compared)
+    assert code == 2 and "made with precision='fp32', not 'bf16'" in err and err.count("\n") == 1, err
+
+
+class StopSampling(BaseException):
+    """Ends a comparison at its first sample_dataset call (a BaseException: cli.run lets it through)."""
+
+
+def test_precision_compile_and_batch_invariant_reach_sample_dataset(checkpoint, tmp_path, capsys, monkeypatch):
+    seen = []
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs)
+        raise StopSampling
+
+    monkeypatch.setattr(compare, "sample_dataset", spy)
+    with pytest.raises(StopSampling):
+        run(capsys, checkpoint, *ARGS, "--precision", "bf16", "--compile", "True", "--batch_invariant", "True",
+            "--out_dir", tmp_path)
+    assert {k: seen[0][k] for k in ("precision", "compile", "batch_invariant")} == dict(
+        precision="bf16", compile=True, batch_invariant=True)
+    assert json.loads((tmp_path / "compare_config.json").read_text())["precision"] == "bf16"
 
 
 @pytest.mark.skipif(not MPIEXEC.exists(), reason="no mpiexec beside the Python executable")
-def test_mpi_ranks_share_the_videos_and_give_the_same_samples(checkpoint, compared, tmp_path):
-    """Two ranks sample two videos (one each); the files equal the single-process ones."""
+def test_mpi_ranks_share_the_videos_and_give_the_same_samples(checkpoint, tmp_path, capsys):
+    """With --batch_invariant True, two ranks sample two videos (one each) into the single-process files."""
+    argv = [*ARGS[:1], "autoreg", *ARGS[2:], "--batch_invariant", "True"]
+    code, _, err = run(capsys, checkpoint, *argv, "--out_dir", tmp_path / "one")
+    assert code == 0, err
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run([str(MPIEXEC), "-n", "2", sys.executable, str(SCRIPTS / "compare_schemes.py"), checkpoint,
-                             *ARGS[:1], "autoreg", *ARGS[2:], "--out_dir", str(tmp_path)],
+                             *argv, "--out_dir", str(tmp_path)],
                             capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "rank 1: 1 of 1 videos" in result.stderr
     for name in ("sample_0000-0.npy", "sample_0001-0.npy"):
         assert np.array_equal(np.load(tmp_path / "autoreg" / "samples" / name),
-                              np.load(compared / "autoreg" / "samples" / name))
+                              np.load(tmp_path / "one" / "autoreg" / "samples" / name))
     runs = json.loads((tmp_path / "runs.json").read_text())
     assert runs["autoreg"]["world_size"] == 2 and runs["autoreg"]["nfe_per_video"] == 12
     assert "| autoreg |" in (tmp_path / "report.md").read_text()

@@ -132,6 +132,9 @@ VIDEO_SAMPLE_FLAGS = [
     (["--df_config", FILE + "df_config.json"], "resolution"),  # DF's config without the image size
     (["--batch_size", "0"], "--batch_size"),
     (["--batch_invariant", "sometimes"], "--batch_invariant"),
+    (["--precision", "fp8"], "--precision"),  # checked before the model is loaded
+    (["--precision", "FP32"], "--precision"),
+    (["--compile", "maybe"], "--compile"),
     (["--start_index", "-1"], "--start_index"),
     (["--start_index", "100"], "--start_index"),  # the dataset has 100 test videos
     (["--start_index", "3", "--stop_index", "2"], "--stop_index"),
@@ -174,6 +177,9 @@ def test_bad_checkpoints(capsys, files, name):
     (["--n_videos", "0"], "--n_videos"),
     (["--n_videos", "101"], "--n_videos"),
     (["--batch_size", "0"], "--batch_size"),
+    (["--batch_invariant", "sometimes"], "--batch_invariant"),
+    (["--precision", "half"], "--precision"),
+    (["--compile", "maybe"], "--compile"),
     (["--seed", "-1"], "--seed"),
     (["--schemes", ","], "--schemes"),
     (["--schemes", "autoreg,nope"], "nope"),

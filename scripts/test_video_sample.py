@@ -1,7 +1,7 @@
 """Tests for scripts/video_sample.py on a tiny random checkpoint: every preset and some plan x schedule
 combinations end to end, the saved scheme, files equal to the stage sampler's output, reproducibility
-across batch splits, --just_visualise, and one-line errors (scripts/test_sampling_errors.py has the
-full table of bad flags and paths)."""
+across batch splits (--batch_invariant True), --precision and --compile, --just_visualise, and one-line
+errors (scripts/test_sampling_errors.py has the full table of bad flags and paths)."""
 
 import dataclasses
 import json
@@ -23,7 +23,7 @@ from improved_diffusion.data.datasets import get_dataset
 from improved_diffusion.sampling import run as sampling_run
 from improved_diffusion.sampling.noise_schedules import noise_levels
 from improved_diffusion.sampling.plans import plan_stages
-from improved_diffusion.sampling.sampler import one_video_at_a_time, sample_with_scheme, video_generator
+from improved_diffusion.sampling.sampler import sample_with_scheme, video_generator
 from improved_diffusion.sampling.scheme import PRESETS, Scheme
 from improved_diffusion.script_util import DiffusionConfig, ModelConfig, create_model
 
@@ -110,12 +110,12 @@ COUNTERPARTS = {"adaptive-autoreg": "autoreg", "adaptive-hierarchy-2": "hierarch
 
 @pytest.fixture
 def model_calls(monkeypatch):
-    """Records every model call of video_sample.py (per video: it calls the model one video at a time)."""
+    """Records every model call of video_sample.py, as the sampler makes it (on the model prepare_model returns)."""
     calls = []
-    real = sampling_run.one_video_at_a_time
+    real = sampling_run.prepare_model
 
-    def spying(model):
-        wrapped = real(model)
+    def spying(model, device, **wrapping):
+        wrapped = real(model, device, **wrapping)
 
         def call(x, t, **kwargs):
             calls.append({"t": t.clone(), "frame_indices": kwargs["frame_indices"].clone(),
@@ -124,7 +124,7 @@ def model_calls(monkeypatch):
 
         return call
 
-    monkeypatch.setattr(sampling_run, "one_video_at_a_time", spying)
+    monkeypatch.setattr(sampling_run, "prepare_model", spying)
     return calls
 
 
@@ -191,7 +191,9 @@ def test_every_preset_runs(capsys, tmp_path, checkpoint, model_calls, name):
 
 
 def test_files_equal_the_stage_sampler_output(capsys, tmp_path, checkpoint):
-    """A sample file is the stage sampler's output for the same scheme and generator, as uint8."""
+    """A sample file is the stage sampler's output for the same scheme and generator, as uint8.
+
+    One video, so the default (batched) model calls are the plain model's calls on that video."""
     argv = ["--sampling_scheme", "long-range", "--noise_schedule", "pyramid", "--stabilization_level", "5",
             "--seed", "3", "--sample_idx", "1", "--start_index", "1"]
     code, _, err = run(capsys, checkpoint, "--timestep_respacing", "4", "--stop_index", 2, "--eval_dir",
@@ -201,7 +203,7 @@ def test_files_equal_the_stage_sampler_output(capsys, tmp_path, checkpoint):
     model, diffusion, _ = load_checkpoint(checkpoint, "4")
     videos = torch.zeros(1, T, 3, SIZE, SIZE)
     videos[0, :scheme.n_obs] = get_dataset("bouncing_balls", split="test", T=scheme.n_obs, image_size=SIZE).video(1)
-    out = sample_with_scheme(one_video_at_a_time(model), diffusion, scheme, videos, [video_generator(3, 1, 1)])
+    out = sample_with_scheme(model, diffusion, scheme, videos, [video_generator(3, 1, 1)])
     expected = ((out[0].clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
     assert np.array_equal(np.load(tmp_path / "samples" / "sample_0001-1.npy"), expected)
 
@@ -225,8 +227,9 @@ def test_plans_compose_with_schedules(capsys, tmp_path, checkpoint, argv):
 
 
 def test_samples_do_not_depend_on_batching_and_reruns_skip(capsys, tmp_path, checkpoint):
-    """Batch size 2, batch size 1, and another split of the indices give the same files."""
-    argv = ["--sampling_scheme", "hierarchy-2", "--noise_schedule", "pyramid", "--stabilization_level", "5"]
+    """With --batch_invariant True, batch size 2, batch size 1, and another split of the indices give the same files."""
+    argv = ["--sampling_scheme", "hierarchy-2", "--noise_schedule", "pyramid", "--stabilization_level", "5",
+            "--batch_invariant", "True"]
     together = sample_and_check(capsys, checkpoint, tmp_path / "b2", *argv, "--batch_size", 2, videos=2)
     alone = sample_and_check(capsys, checkpoint, tmp_path / "b1", *argv, "--batch_size", 1, videos=2)
     assert all(np.array_equal(a, b) for a, b in zip(together, alone))
@@ -243,6 +246,34 @@ def test_samples_do_not_depend_on_batching_and_reruns_skip(capsys, tmp_path, che
                        tmp_path / "b2", *argv, "--batch_size", 2)
     assert code == 0 and "0 of 2 videos" in err
     assert np.load(path).shape == (1,)
+
+
+def test_precision_and_compile_flags_reach_the_model(capsys, tmp_path, checkpoint, monkeypatch):
+    """--precision bf16 --compile True: the network is compiled (a spy here: inductor takes minutes on a small CPU)
+    and run in bf16; both are recorded in sampling_config.json, and the folder is not resumed at fp32."""
+    compiled = []
+
+    def spy_compile(model):
+        compiled.append(model)
+        return model
+
+    monkeypatch.setattr(sampling_run, "compile_model", spy_compile)
+    argv = ["--timestep_respacing", "2", "--stop_index", 1, "--eval_dir", tmp_path]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a tiny network runs fastest on one thread, and does not stall on a busy machine
+    try:
+        code, _, err = run(capsys, checkpoint, *argv, "--precision", "bf16", "--compile", "True")
+    finally:
+        torch.set_num_threads(threads)
+    assert code == 0, err
+    assert len(compiled) == 1 and isinstance(compiled[0], torch.nn.Module)
+    config = json.loads((tmp_path / "sampling_config.json").read_text())
+    assert (config["precision"], config["compiled"], config["batch_invariant"]) == ("bf16", True, False)
+    assert Scheme.from_dict(config) == Scheme.from_preset("autoreg", T=T, max_frames=K, timestep_respacing="2")
+    assert np.load(tmp_path / "samples" / "sample_0000-0.npy")[3:].std() > 0
+
+    code, _, err = run(capsys, checkpoint, *argv, "--stop_index", 2)
+    assert code == 2 and "made with --precision bf16, not fp32" in err, err
 
 
 @pytest.fixture
@@ -277,6 +308,7 @@ def test_just_visualise_draws_the_same_png_as_video_schedule(capsys, tmp_path, c
     (["--just_visualise", "--sampling_scheme", "adaptive-autoreg"], "cannot be drawn"),
     (["--sampling_scheme", "nope"], "df-pyramid"),  # argparse names the valid choices
     (["--noise_schedule", "nope"], "trapezoid"),
+    (["--precision", "fp64"], "--precision must be one of fp32, bf16, fp16"),
 ])
 def test_impossible_settings_fail_before_loading_the_model(capsys, checkpoint, no_model_loading, argv, message):
     try:

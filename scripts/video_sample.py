@@ -9,7 +9,10 @@
 Conditions on the first n_obs frames of test videos and generates the rest stage by stage
 (improved_diffusion.sampling.run.sample_dataset). Writes <eval_dir>/sampling_config.json and
 <eval_dir>/samples/sample_<index:04d>-<sample_idx>.npy (uint8 T x C x H x W), skipping outputs
-that already exist; `mpiexec -n N` splits the videos across ranks and gives the same files.
+that already exist; `mpiexec -n N` splits the videos across ranks. Model calls carry a whole batch;
+`--batch_invariant True` calls the model per video instead (slower), so the files are byte-identical
+for any batch size and number of ranks. `--precision bf16|fp16` runs the network in 16 bits and
+`--compile True` compiles it.
 Impossible settings end with one sentence and exit code 2 before the model is loaded.
 """
 
@@ -56,9 +59,18 @@ def create_argparser():
                    help="noise levels per stage (0: diffusion steps; default 0, a DF config's sampling_timesteps)")
     p.add_argument("--optimality", default=None, help="optimal schedule file (stage -> observed frames)")
     p.add_argument("--batch_size", type=int, default=8)
-    p.add_argument("--batch_invariant", type=cli.str2bool, default=True,
-                   help="call the model per video so samples are bit-identical for any batch size or rank count; "
-                        "False batches model calls (faster on GPUs, results differ in the last bits)")
+    p.add_argument("--batch_invariant", type=cli.str2bool, default=False,
+                   help="True: call the model per video (slower), so samples are byte-identical for any batch size "
+                        "or rank count; default False: one model call per batch (results may differ in the last "
+                        "bits across batch sizes)")
+    p.add_argument("--precision", default="fp32",
+                   help="fp32, bf16 or fp16: the network's matmuls and convolutions run at this precision through "
+                        "autocast (outputs, weights and the sampler's arithmetic stay float32)")
+    p.add_argument("--compile", type=cli.str2bool, default=False,
+                   help="torch.compile the network (the first stages are slow while it compiles)")
+    p.add_argument("--kv_cache", type=cli.str2bool, default=None,
+                   help="reuse the activations of unchanged earlier frames in a causal UNet (--causal True) instead "
+                        "of recomputing them at every denoising step; exact (default: on where the model supports it)")
     p.add_argument("--start_index", type=int, default=0)
     p.add_argument("--stop_index", type=int, default=-1, help="-1: every test video")
     p.add_argument("--sample_idx", type=int, default=0, help="which sample of each video (seeds differ)")

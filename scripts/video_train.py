@@ -31,6 +31,10 @@ experiment/exp_video.yaml) is, for 64-pixel clips of 16 frames:
 
 DF decays the running SNR per frame of the original video: on a dataset subsampled every
 s frames it uses 0.96**s (DMLab and Minecraft: s = 2, --cum_snr_decay 0.9216).
+
+--precision bf16 (or fp16, with dynamic loss scaling; FDM's --use_fp16 True means fp16) runs the
+network's forward in 16 bits under autocast; weights, optimizer state, EMAs and checkpoints stay
+float32. --compile True trains through torch.compile (the first steps take minutes to compile).
 """
 
 import argparse
@@ -44,6 +48,7 @@ from improved_diffusion.diffusion import DiffusionConfig  # noqa: E402
 from improved_diffusion.diffusion.build import NOISE_SCHEDULES  # noqa: E402
 from improved_diffusion.diffusion.loss_weights import LOSS_WEIGHTINGS  # noqa: E402
 from improved_diffusion.models import ModelConfig  # noqa: E402
+from improved_diffusion.precision import PRECISIONS  # noqa: E402
 from improved_diffusion.training.frame_masks import NOISE_MODES  # noqa: E402
 from improved_diffusion.training.launch import train  # noqa: E402
 from improved_diffusion.training.timestep_sampler import SCHEDULE_SAMPLERS  # noqa: E402
@@ -54,7 +59,8 @@ def create_argparser():
     parser = cli.ArgumentParser(prog="video_train.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     cli.add_dataclass_args(parser, TrainConfig, choices={"noise_mode": NOISE_MODES, "on_bad_video": ON_BAD_VIDEO,
-                                                         "schedule_sampler": SCHEDULE_SAMPLERS})
+                                                         "schedule_sampler": SCHEDULE_SAMPLERS,
+                                                         "precision": PRECISIONS})
     cli.add_dataclass_args(parser, ModelConfig, overrides={"image_size": -1})  # -1: the dataset's size
     cli.add_dataclass_args(parser, DiffusionConfig, choices={"noise_schedule": NOISE_SCHEDULES,
                                                              "loss_weighting": LOSS_WEIGHTINGS})

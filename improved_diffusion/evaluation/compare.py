@@ -6,7 +6,7 @@ and report.md / report.html are written (report.py). Every scheme gets the same 
 max_frames - max_latent_frames), so all are conditioned on the same frames. All settings, and
 every scheme, are checked before anything is sampled. A Diffusion Forcing checkpoint needs
 `df_config` (DF's config); every scheme then samples with DF's sampler settings, as in
-`sampling.run.sample_dataset`.
+`sampling.run.sample_dataset`, which also takes `precision`, `compile` and `batch_invariant` from here.
 """
 
 import os
@@ -16,6 +16,7 @@ import torch.distributed as dist
 from .. import dist_util
 from ..data.datasets import get_dataset
 from ..errors import ConfigError, UserError
+from ..precision import check_precision
 from ..sampling.run import (DEFAULT, check_folder, checkpoint_config, default_eval_dir, sample_dataset,
                             sampler_defaults, scheme_for_checkpoint, size_flag)
 from .evaluate import parse_metrics
@@ -26,12 +27,14 @@ DEFAULT_SCHEMES = "autoreg,long-range,hierarchy-2,df-pyramid"
 
 def compare_schemes(checkpoint_path, schemes=DEFAULT_SCHEMES, *, n_videos=8, T=DEFAULT, n_obs=DEFAULT,
                     max_frames=DEFAULT, max_latent_frames=DEFAULT, timestep_respacing="", use_ddim=None,
-                    batch_size=8, seed=0, metrics="", i3d_path=None, out_dir=None, df_config=None):
+                    batch_size=8, seed=0, metrics="", i3d_path=None, out_dir=None, df_config=None, precision="fp32",
+                    compile=False, batch_invariant=False):
     """Sample, score and report each scheme of the comma-separated `schemes`; returns (report.md, report.html).
 
-    use_ddim None: the checkpoint config's choice (a DF config's), else False. Under MPI every
-    rank calls this and samples its share; rank 0 scores and writes the report (other ranks
-    return None).
+    use_ddim None: the checkpoint config's choice (a DF config's), else False. precision, compile,
+    batch_invariant: as `sample_dataset`'s; precision is a setting of out_dir (samples of different
+    precisions are not mixed), compile and batch_invariant are not. Under MPI every rank calls this
+    and samples its share; rank 0 scores and writes the report (other ranks return None).
     """
     had_process_group = dist.is_initialized()
 
@@ -42,6 +45,7 @@ def compare_schemes(checkpoint_path, schemes=DEFAULT_SCHEMES, *, n_videos=8, T=D
             raise ConfigError(f"--{flag} must be at least 1, got {value}.")
     if seed < 0:
         raise ConfigError(f"--seed must be at least 0, got {seed}.")
+    check_precision(precision)
     config, _ = checkpoint_config(checkpoint_path, df_config)
     if use_ddim is None:
         use_ddim = sampler_defaults(config).get("use_ddim", False)
@@ -68,7 +72,7 @@ def compare_schemes(checkpoint_path, schemes=DEFAULT_SCHEMES, *, n_videos=8, T=D
     check_folder("out_dir", out_dir)
     settings = dict(checkpoint=os.path.abspath(checkpoint_path), T=scheme.T,  # every scheme has the same T
                     n_obs=n_obs, max_frames=K, max_latent_frames=S, timestep_respacing=timestep_respacing,
-                    use_ddim=use_ddim, seed=seed)
+                    use_ddim=use_ddim, seed=seed, precision=precision)
     if df_config is not None:
         settings["df_config"] = df_config if isinstance(df_config, dict) else os.path.abspath(df_config)
     rank, _ = dist_util.setup_dist()
@@ -77,7 +81,8 @@ def compare_schemes(checkpoint_path, schemes=DEFAULT_SCHEMES, *, n_videos=8, T=D
     # ---- sample every scheme (each rank its share of the videos)
     def sample(name, eval_dir):
         sample_dataset(checkpoint_path, name, eval_dir=eval_dir, stop_index=n_videos, batch_size=batch_size,
-                       seed=seed, df_config=df_config, **scheme_args)
+                       seed=seed, df_config=df_config, precision=precision, compile=compile,
+                       batch_invariant=batch_invariant, **scheme_args)
 
     sample_schemes(names, sample, out_dir, n_videos)
 

@@ -11,10 +11,10 @@ import torch.nn as nn
 
 
 class GroupNorm32(nn.GroupNorm):
-    """GroupNorm computed in float32 whatever the input dtype, as FDM does."""
+    """GroupNorm computed in float32 (float64 in a float64 model) whatever the input dtype, as FDM does."""
 
     def forward(self, x):
-        return super().forward(x.float()).type(x.dtype)
+        return super().forward(x.to(torch.promote_types(x.dtype, torch.float32))).type(x.dtype)
 
 
 def normalization(channels):

@@ -111,12 +111,12 @@ class Upsample(nn.Module):
 class Stage(nn.Sequential):
     """A sequence of layers; each gets the arguments it understands."""
 
-    def forward(self, h, emb, frame_indices, attn_mask):
+    def forward(self, h, emb, frame_indices, attn_mask, earlier=None):
         for layer in self:
             if isinstance(layer, ResBlock):
                 h = layer(h, emb)
             elif isinstance(layer, FactorizedAttentionBlock):
-                h = layer(h, emb, frame_indices, attn_mask)
+                h = layer(h, emb, frame_indices, attn_mask, earlier)
             else:
                 h = layer(h)
         return h
@@ -171,14 +171,17 @@ class UNetVideoModel(nn.Module):
 
         self.out = nn.Sequential(normalization(ch), nn.SiLU(), zero_module(nn.Conv2d(mc, c.out_channels, 3, padding=1)))
 
-    def forward(self, x, timesteps, x0=None, frame_indices=None, obs_mask=None, latent_mask=None, **unused):
+    def forward(self, x, timesteps, x0=None, frame_indices=None, obs_mask=None, latent_mask=None, earlier=None,
+                **unused):
         """Denoise the frames of a batch of videos.
 
         x: [B x T x C x H x W] noisy frames; timesteps: [B] or [B x T] (each frame's own
         noise level, in units of the 1000-step chain); x0: clean frames used where
         obs_mask is 1; frame_indices: [B x T] long, positions in the full video;
         obs_mask, latent_mask: [B x T x 1 x 1 x 1]. Frames in neither mask are padding
-        and attend only to each other. Returns [B x T x C_out x H x W].
+        and attend only to each other. earlier: for a causal model, an EarlierFrames
+        (video_attention.py) holding cached frames that come before every frame of this call.
+        Returns [B x T x C_out x H x W].
         """
         B, T, C, H, W = x.shape
         if obs_mask is None:
@@ -197,13 +200,17 @@ class UNetVideoModel(nn.Module):
 
         indicator = torch.ones_like(x[:, :, :1]) * obs_mask
         h = torch.cat([x * (1 - obs_mask) + x0 * obs_mask, indicator], dim=2).reshape(B * T, C + 1, H, W)
-        emb = self.time_embed(timestep_embedding(timesteps, self.config.model_channels))
+        emb = self.time_embed(timestep_embedding(timesteps, self.config.model_channels).to(self.time_embed[0].weight.dtype))
+        if earlier is not None:
+            if not self.config.causal:
+                raise ValueError("only a causal model can attend to cached earlier frames.")
+            earlier.recorded_temb = emb.view(B, T, -1)
 
         skips = []
         for block in self.input_blocks:
-            h = block(h, emb, frame_indices, attn_mask)
+            h = block(h, emb, frame_indices, attn_mask, earlier)
             skips.append(h)
-        h = self.middle_block(h, emb, frame_indices, attn_mask)
+        h = self.middle_block(h, emb, frame_indices, attn_mask, earlier)
         for block in self.output_blocks:
-            h = block(torch.cat([h, skips.pop()], dim=1), emb, frame_indices, attn_mask)
+            h = block(torch.cat([h, skips.pop()], dim=1), emb, frame_indices, attn_mask, earlier)
         return self.out(h).view(B, T, self.config.out_channels, H, W)

@@ -29,16 +29,17 @@ class RPENet(nn.Module):
         self.num_heads = num_heads
 
     def forward(self, temb, distances):
-        """temb [B*T x E], distances [B x T x T] (query minus key) -> [B x T x T x heads x C/heads]."""
-        B, T, _ = distances.shape
-        d = distances.float()
+        """temb [B*T x E] of the frames on distances' first axis, distances [B x T x T2] (that frame's index
+        minus the other's) -> [B x T x T2 x heads x C/heads]."""
+        B, T, T2 = distances.shape
+        d = distances.to(self.embed_distances.weight.dtype)  # float32, or float64 in a float64 model
         features = torch.stack(
-            [torch.log1p(d.clamp(min=0)), torch.log1p((-d).clamp(min=0)), (distances == 0).float()],
+            [torch.log1p(d.clamp(min=0)), torch.log1p((-d).clamp(min=0)), (distances == 0).to(d.dtype)],
             dim=-1,
         )
         h = self.embed_diffusion_time(temb).view(B, T, 1, self.channels) + self.embed_distances(features)
         out = self.out(F.silu(h))
-        return out.view(B, T, T, self.num_heads, self.channels // self.num_heads)
+        return out.view(B, T, T2, self.num_heads, self.channels // self.num_heads)
 
 
 class RPE(nn.Module):
@@ -52,25 +53,54 @@ class RPE(nn.Module):
         return self.rpe_net(temb, distances)
 
 
-def group_attention_bias(attn_mask, frame_indices, causal):
-    """Additive logit bias [B x 1 x 1 x T x T] (0 or -inf), or None.
+def group_attention_bias(attn_mask, frame_indices, causal, key_mask=None, key_indices=None):
+    """Additive logit bias [B x 1 x 1 x Tq x Tk] (0 or -inf), or None.
 
     FDM's rule: frames in the model (mask 1) attend only to each other, padding frames
     (mask 0) only to each other. In causal mode a frame additionally never attends to a
-    frame with a larger index in the video.
+    frame with a larger index in the video. Keys are the queries themselves unless
+    key_mask/key_indices say otherwise (a call that attends to cached earlier frames too).
     """
+    key_mask = attn_mask if key_mask is None else key_mask
+    key_indices = frame_indices if key_indices is None else key_indices
     allowed = None
     if attn_mask is not None:
-        m = attn_mask.bool()
-        allowed = m[:, :, None] == m[:, None, :]
+        allowed = attn_mask.bool()[:, :, None] == key_mask.bool()[:, None, :]
     if causal:
-        later = frame_indices[:, None, :] > frame_indices[:, :, None]
+        later = key_indices[:, None, :] > frame_indices[:, :, None]
         allowed = ~later if allowed is None else allowed & ~later
     if allowed is None:
         return None
     bias = torch.zeros(allowed.shape, dtype=torch.float32, device=allowed.device)
     bias.masked_fill_(~allowed, float("-inf"))
     return bias[:, None, None]
+
+
+class EarlierFrames:
+    """Earlier frames that a causal network call attends to without recomputing them.
+
+    In a causal network a frame's activations depend only on frames with smaller (or equal)
+    indices, so frames that come before every frame of a call and have not changed since an
+    earlier call need not be recomputed: temporal attention only needs their keys and values.
+    `layers` holds them per temporal-attention layer in call order, each (k, v) of shape
+    [B x D x heads x P x C/heads] for P earlier frames, with their time embeddings `temb`
+    [B x P x E] and frame indices [B x P] (all of them frames in the model, not padding).
+    Each layer of a call hands over its own frames' (k, v) through `exchange`, so the caller
+    can keep them for later calls (sampling/kv_cache.py); the UNet sets `recorded_temb`.
+    """
+
+    def __init__(self, layers=(), temb=None, frame_indices=None):
+        self.layers = list(layers)
+        self.temb = temb
+        self.frame_indices = frame_indices
+        self.recorded = []
+        self.recorded_temb = None
+
+    def exchange(self, k, v):
+        """Record this call's (k, v) of the next layer; return that layer's earlier (k, v), or None."""
+        i = len(self.recorded)
+        self.recorded.append((k, v))
+        return self.layers[i] if self.layers else None
 
 
 class TemporalAttention(nn.Module):
@@ -101,27 +131,35 @@ class TemporalAttention(nn.Module):
         h = x.permute(0, 3, 4, 2, 1).reshape(B * H * W, C, T)
         return self.norm(h).view(B, H * W, C, T).transpose(2, 3)
 
-    def forward(self, x, temb, frame_indices, attn_mask):
+    def forward(self, x, temb, frame_indices, attn_mask, earlier=None):
+        """x [B x T x C x H x W]; temb [B*T x E]; earlier: an EarlierFrames to attend to as well, or None."""
         B, T, C, H, W = x.shape
         heads = self.num_heads
         h = self.normalize(x)  # [B x D x T x C], D = H*W
         D = h.shape[1]
         qkv = self.qkv(h).view(B, D, T, 3, heads, C // heads).permute(3, 0, 1, 4, 2, 5)
         q, k, v = qkv[0] * self.scale, qkv[1], qkv[2]  # [B x D x heads x T x C/heads]
+        key_temb, key_indices, key_mask = temb, frame_indices, attn_mask
+        past = None if earlier is None else earlier.exchange(k, v)
+        if past is not None:  # keys: the P earlier frames, then this call's frames
+            k, v = torch.cat([past[0], k], dim=3), torch.cat([past[1], v], dim=3)
+            key_temb = torch.cat([earlier.temb, temb.view(B, T, -1)], dim=1).flatten(0, 1)
+            key_indices = torch.cat([earlier.frame_indices, frame_indices], dim=1)
+            key_mask = torch.cat([torch.ones_like(earlier.frame_indices, dtype=attn_mask.dtype), attn_mask], dim=1)
 
-        distances = frame_indices[:, :, None] - frame_indices[:, None, :]  # query - key
-        r_q = self.rpe_q(temb, distances)
+        distances = frame_indices[:, :, None] - key_indices[:, None, :]  # query - key, [B x T x Tk]
         r_k = self.rpe_k(temb, distances)
-        r_v = self.rpe_v(temb, distances)  # [B x T x T x heads x C/heads]
+        r_v = self.rpe_v(temb, distances)  # [B x T x Tk x heads x C/heads]
+        r_q = self.rpe_q(key_temb, -distances.transpose(1, 2))  # [B x Tk x T x heads x C/heads]
 
-        logits = q @ k.transpose(-1, -2)
+        logits = q @ k.transpose(-1, -2)  # [B x D x heads x T x Tk]
         logits = logits + torch.einsum("bdhif,bijhf->bdhij", q, r_k)
         # Query-side encoding: key j's scaled vector against R_q evaluated at (j, i).
         logits = logits + torch.einsum("bdhjf,bjihf->bdhij", k * self.scale, r_q)
-        bias = group_attention_bias(attn_mask, frame_indices, self.causal)
+        bias = group_attention_bias(attn_mask, frame_indices, self.causal, key_mask, key_indices)
         if bias is not None:
             logits = logits + bias
-        weights = torch.softmax(logits.float(), dim=-1).type(logits.dtype)
+        weights = torch.softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1).type(logits.dtype)
         out = weights @ v + torch.einsum("bdhij,bijhf->bdhif", weights, r_v)
         out = self.proj_out(out.permute(0, 1, 3, 2, 4).reshape(B, D, T, C))
         out = h + out  # FDM adds the residual to the normalized input
@@ -159,8 +197,8 @@ class FactorizedAttentionBlock(nn.Module):
         self.spatial_attention = SpatialAttention(channels, num_heads)
         self.temporal_attention = TemporalAttention(channels, num_heads, time_embed_dim, causal=causal)
 
-    def forward(self, x, temb, frame_indices, attn_mask):
+    def forward(self, x, temb, frame_indices, attn_mask, earlier=None):
         BT, C, H, W = x.shape
         B = frame_indices.shape[0]
-        h = self.temporal_attention(x.view(B, BT // B, C, H, W), temb, frame_indices, attn_mask)
+        h = self.temporal_attention(x.view(B, BT // B, C, H, W), temb, frame_indices, attn_mask, earlier)
         return self.spatial_attention(h.reshape(BT, C, H, W))

@@ -5,8 +5,16 @@
 Conditions on the first n_obs frames of test videos and generates the rest stage by stage.
 Writes <eval_dir>/sampling_config.json (the run's checkpoint, dataset and seed plus the Scheme's
 JSON) and <eval_dir>/samples/sample_<index:04d>-<sample_idx>.npy (uint8 T x C x H x W), skipping
-samples that already exist. A video's sample depends only on (seed, sample_idx, video index), so
-under `mpiexec -n N` (videos split across ranks) or with another batch size the files are the same.
+samples that already exist. Each video draws its noise from its own generator (seed, sample_idx,
+video index). Model calls carry a whole batch by default; with batch_invariant=True the model is
+called per video (slower), so under `mpiexec -n N` or with another batch size the files are
+byte-identical; batched, they may differ in the last float bits (rarely a uint8 level).
+
+The loaded network is wrapped in one place, `prepare_model`: compiled (compile=True), behind the
+key/value cache of causal rollouts (kv_cache, on by default for a causal UNet; kv_cache.py), run
+at `precision` (fp32, bf16 or fp16 through autocast, outputs float32) and called per video
+(batch_invariant). The run's precision is part of its results: a folder of samples made at one
+precision is not resumed at another.
 
 Every flag is checked, and the scheme validated, before the model is loaded: a problem the user
 can fix raises a one-sentence UserError. Size flags take -1 for "the default" (the checkpoint's
@@ -20,6 +28,7 @@ stabilization_level, its ddim_sampling_eta, sampling_timesteps levels per stage 
 are fewer than its timesteps, its clip_noise, no x0 clipping), so every plan runs on a DF model.
 """
 
+import json
 import os
 import sys
 
@@ -33,7 +42,9 @@ from ..data.datasets import get_dataset
 from ..data.pixels import to_uint8
 from ..diffusion import DiffusionConfig
 from ..errors import ConfigError
-from ..results import sample_path, write_sampling_config
+from ..precision import PrecisionModel, check_precision, compile_model
+from ..results import CONFIG_FILE, SAMPLE_DIR, find_samples, sample_path, write_sampling_config
+from .kv_cache import CausalCache, supports_cache
 from .plan_picture import draw_plan
 from .sampler import one_video_at_a_time, sample_with_scheme, video_generator
 from .scheme import Scheme, check_settings
@@ -124,25 +135,80 @@ def check_folder(flag, path):
         raise ConfigError(f"--{flag} {path} is a file, not a folder.")
 
 
+def prepare_model(model, device, *, batch_invariant=False, precision="fp32", compile=False, kv_cache=None):
+    """The loaded network `model` (an nn.Module on `device`) as the sampler calls it.
+
+    The order matters: torch.compile takes the nn.Module itself, so it comes first; the key/value
+    cache (kv_cache.py; None: on where the network supports it, True: asked for, False: off) calls
+    the network on the frames it must recompute; the precision wrapper runs whatever is inside it
+    under autocast and hands back float32; the per-video wrapper is outermost so that each per-video
+    call still goes through all of them, with one cache per video slot.
+    """
+    raw = model
+    if compile:
+        model = compile_model(model)
+    network = model
+    use_cache = supports_cache(raw) if kv_cache is None else kv_cache
+    if use_cache and not supports_cache(raw):
+        print("--kv_cache True has no effect: only FDM's UNet built with --causal True can reuse earlier frames "
+              "(in any other network later frames change earlier ones); sampling without the cache.",
+              file=sys.stderr)
+        use_cache = False
+
+    def wrap(net):
+        if use_cache:
+            net = CausalCache(net)
+        if precision != "fp32":  # fp32 calls the network as it is
+            net = PrecisionModel(net, precision, device)
+        return net
+
+    if batch_invariant:
+        return one_video_at_a_time(network, wrap)
+    return wrap(network)
+
+
+def check_same_precision(eval_dir, precision):
+    """Refuse to add samples at `precision` to a folder whose samples were made at another precision.
+
+    Existing samples are skipped (resumed), so mixing would leave a folder whose sampling_config.json
+    misdescribes some of its samples. Folders written before precision was recorded are fp32.
+    """
+    path = os.path.join(eval_dir, CONFIG_FILE)
+    if not os.path.isfile(path) or not os.path.isdir(os.path.join(eval_dir, SAMPLE_DIR)) or not find_samples(eval_dir):
+        return
+    try:
+        with open(path) as f:
+            saved = json.load(f).get("precision", "fp32")
+    except (OSError, ValueError, AttributeError):
+        return  # not ours to judge; it is rewritten below
+    if saved != precision:
+        raise ConfigError(f"{eval_dir} holds samples made with --precision {saved}, not {precision}; "
+                          "pass another --eval_dir.")
+
+
 def sample_dataset(checkpoint_path, sampling_scheme="autoreg", *, T=DEFAULT, n_obs=DEFAULT, max_frames=DEFAULT,
                    max_latent_frames=DEFAULT, noise_schedule=None, uncertainty_scale=None, stabilization_level=None,
                    chunk_size=None, sampling_steps=None, optimality=None, timestep_respacing="", use_ddim=None,
                    eta=None, clip_denoised=None, stabilization=None, clip_noise=None, dataset=None, eval_dir=None,
-                   start_index=0, stop_index=DEFAULT, sample_idx=0, batch_size=8, batch_invariant=True, seed=0,
-                   device=None, just_visualise=False, df_config=None):
+                   start_index=0, stop_index=DEFAULT, sample_idx=0, batch_size=8, batch_invariant=False, seed=0,
+                   device=None, just_visualise=False, df_config=None, precision="fp32", compile=False, kv_cache=None):
     """Sample test videos start_index..stop_index-1 (-1: all) with a scheme; returns the eval dir.
 
     The scheme is the preset `sampling_scheme` with the given overrides (see `Scheme.from_preset`;
     None: the checkpoint config's, see `sampler_defaults`, else the preset's). batch_invariant:
-    call the model per video so samples are bit-identical for any batch size or rank count.
-    just_visualise: only draw the plan as <eval_dir>/plan.png and return that path. df_config: DF's
-    config, for a Diffusion Forcing checkpoint.
+    call the model per video (slower) so samples are bit-identical for any batch size or rank count;
+    False (default) calls it on the whole batch. just_visualise: only draw the plan as
+    <eval_dir>/plan.png and return that path. df_config: DF's config, for a Diffusion Forcing
+    checkpoint. precision: fp32, bf16 or fp16 for the network's calls (see precision.py); samples at
+    16 bits go to a folder named with a _<precision> suffix by default. compile: torch.compile the
+    network (the first calls are slow while it compiles). See `prepare_model`.
     """
     # ---- every setting is checked before the model is loaded
     for flag, value, minimum in (("batch_size", batch_size, 1), ("start_index", start_index, 0),
                                  ("sample_idx", sample_idx, 0), ("seed", seed, 0)):
         if value < minimum:
             raise ConfigError(f"--{flag} must be at least {minimum}, got {value}.")
+    check_precision(precision)
     if stop_index != DEFAULT and stop_index <= start_index:
         raise ConfigError(f"--stop_index {stop_index} must be larger than --start_index {start_index} "
                           "(or -1 for every test video).")
@@ -153,7 +219,8 @@ def sample_dataset(checkpoint_path, sampling_scheme="autoreg", *, T=DEFAULT, n_o
         chunk_size=chunk_size, optimality=optimality, sampling_steps=sampling_steps, use_ddim=use_ddim, eta=eta,
         clip_denoised=clip_denoised, stabilization=stabilization, clip_noise=clip_noise,
         timestep_respacing=timestep_respacing)
-    eval_dir = str(eval_dir or default_eval_dir(checkpoint_path, config, scheme.folder_name()))
+    folder = scheme.folder_name() + ("" if precision == "fp32" else f"_{precision}")
+    eval_dir = str(eval_dir or default_eval_dir(checkpoint_path, config, folder))
     check_folder("eval_dir", eval_dir)
 
     if just_visualise:
@@ -172,6 +239,7 @@ def sample_dataset(checkpoint_path, sampling_scheme="autoreg", *, T=DEFAULT, n_o
         raise ConfigError(f"--start_index {start_index} is past the last of the {len(data)} test videos of "
                           f"{dataset_name}.")
     device = device_flag(device)
+    check_same_precision(eval_dir, precision)
 
     # ---- this rank's videos
     rank, world_size = dist_util.setup_dist()
@@ -183,7 +251,8 @@ def sample_dataset(checkpoint_path, sampling_scheme="autoreg", *, T=DEFAULT, n_o
     indices = indices[rank::world_size]  # under mpiexec each rank samples (and writes) its share
     if rank == 0:
         run_config = {"checkpoint": str(checkpoint_path), "dataset": dataset_name, "image_size": image_size,
-                      "seed": seed, "data_seed": 0}
+                      "seed": seed, "data_seed": 0, "precision": precision, "compiled": bool(compile),
+                      "batch_invariant": bool(batch_invariant)}
         if df_config is not None:
             run_config["df_config"] = df_config if isinstance(df_config, dict) else str(df_config)
         write_sampling_config(eval_dir, {**run_config, **scheme.to_dict()})
@@ -197,8 +266,8 @@ def sample_dataset(checkpoint_path, sampling_scheme="autoreg", *, T=DEFAULT, n_o
     model, diffusion, _ = load_checkpoint(checkpoint_path, scheme.timestep_respacing, device=device, data=checkpoint,
                                           df_config=df_config)
     check_settings(scheme.stage, diffusion)  # the scheme was checked against the config; this is the diffusion
-    if batch_invariant:
-        model = one_video_at_a_time(model)
+    model = prepare_model(model, device, batch_invariant=batch_invariant, precision=precision, compile=compile,
+                          kv_cache=kv_cache)
     os.makedirs(os.path.join(eval_dir, "samples"), exist_ok=True)
     for start in range(0, len(todo), batch_size):
         batch_idx = todo[start: start + batch_size]

@@ -262,20 +262,25 @@ def finish_stage(videos, latent_lists, n_obs, generated, x):
     return videos
 
 
-def one_video_at_a_time(model):
+def one_video_at_a_time(model, wrap=None):
     """`model`, called on each video of a batch separately, so a video's result never depends on its batch.
 
     Batched kernels (MKL, cuBLAS, cuDNN) pick their algorithm by batch size, so the same video
     sampled in batches of 1 and of 8 differs in the last float bits, and sometimes in a saved
     uint8 pixel. Calling the network per video makes samples bit-identical however the videos
-    are split into batches or ranks, at the cost of smaller model calls.
+    are split into batches or ranks, at the cost of smaller model calls. wrap: a function making
+    the callable used for each batch slot (one per slot, so a slot's key/value cache follows its
+    own video), default `model` itself.
     """
+    per_slot = {}
 
     def call(x, t, **kwargs):
         outs = []
         for b in range(x.shape[0]):
+            if b not in per_slot:
+                per_slot[b] = model if wrap is None else wrap(model)
             one = {k: v[b: b + 1] if torch.is_tensor(v) else v for k, v in kwargs.items()}
-            outs.append(model_output_tensor(model(x[b: b + 1], t[b: b + 1], **one)))
+            outs.append(model_output_tensor(per_slot[b](x[b: b + 1], t[b: b + 1], **one)))
         return torch.cat(outs)
 
     return call

@@ -25,8 +25,10 @@ from . import checkpoint_io
 from .train_loop import Preempted, TrainConfig, TrainLoop, parse_ema_rates
 
 # Flags a resumed run takes from the command line (when given); every other one comes from the run.
+# --compile changes how fast the same steps run (a machine without a compiler can continue a compiled
+# run), not what is trained; --precision changes the numbers, so it stays the run's own.
 HOUSEKEEPING = ("max_steps", "log_interval", "save_interval", "sample_interval", "keep_last", "num_workers",
-                "max_nonfinite_steps")
+                "max_nonfinite_steps", "compile")
 
 
 def find_run(args):
@@ -112,7 +114,10 @@ def check_checkpoint_dir(run_dir):
 
 def make_preview(train_cfg, model_cfg, diffusion_cfg, run_dir, logger):
     """FDM's --sample_interval: every so often, roll out test video 0 with the EMA model (autoreg,
-    DDIM 25 steps, 2 x max_frames frames) into <run_dir>/previews/ and to wandb."""
+    DDIM 25 steps, 2 x max_frames frames) into <run_dir>/previews/ and to wandb.
+
+    Previews run in float32 and eagerly whatever --precision and --compile say: the EMA model is
+    a plain float32 copy, and a preview is a few forward passes every sample_interval steps."""
     K = train_cfg.max_frames
     if train_cfg.sample_interval <= 0 or K < 2:
         return None
@@ -192,7 +197,8 @@ def train(args, default_of):
                             world_size=world_size, start_step=loop.step, num_workers=train_cfg.num_workers)
     loop.data = lambda step: next(batches)
     logger.info(f"run {run_id}: {sum(p.numel() for p in model.parameters()):,} parameters, "
-                f"checkpoints in {run_dir}, {world_size} process(es)")
+                f"checkpoints in {run_dir}, {world_size} process(es), precision {loop.precision}"
+                + (", compiled" if train_cfg.compile else ""))
     try:
         loop.run()
     except Preempted as e:  # every rank stopped at the same step, after saving it

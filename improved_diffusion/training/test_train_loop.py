@@ -74,18 +74,19 @@ def test_examples_without_padding_frames_are_zero_padded_to_a_common_length():
 # ----------------------------------------------------------------------------- TrainLoop in this process
 
 
-def tiny_loop(tmp_path, monkeypatch, diffusion_cfg=None, **overrides):
+def tiny_loop(tmp_path, monkeypatch, diffusion_cfg=None, image_size=16, use_checkpoint=False, **overrides):
+    """A TrainLoop of the tiny model on bouncing_balls; `overrides` are TrainConfig fields."""
     monkeypatch.setenv("WANDB_MODE", "disabled")
     values = dict(batch_size=2, max_frames=4, T=10, save_interval=1000, log_interval=1, ema_rate="0.9", max_steps=4)
     cfg = TrainConfig(**{**values, **overrides})
-    model_cfg = ModelConfig(image_size=16, num_channels=32, num_res_blocks=1, channel_mult="1,2",
-                            attention_resolutions="8", num_heads=2)
+    model_cfg = ModelConfig(image_size=image_size, num_channels=32, num_res_blocks=1, channel_mult="1,2",
+                            attention_resolutions="8", num_heads=2, use_checkpoint=use_checkpoint)
     torch.manual_seed(0)
     model = create_model(model_cfg)
     diffusion = create_diffusion(diffusion_cfg or DiffusionConfig(diffusion_steps=50))
-    batches = train_batches(get_dataset("bouncing_balls", T=10, image_size=16), 2 * cfg.batch_size, seed=0)
+    batches = train_batches(get_dataset("bouncing_balls", T=10, image_size=image_size), 2 * cfg.batch_size, seed=0)
     run_dir = tmp_path / "run"
-    run_dir.mkdir(exist_ok=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
     logger = Logger(log_dir=str(run_dir), rank=0)
     return TrainLoop(model=model, diffusion=diffusion, data=lambda step: next(batches), config=cfg,
                      run_dir=str(run_dir), saved_config={"ema_rate": "0.9"}, logger=logger)

@@ -15,6 +15,14 @@ continue exactly where it stopped:
 
 SIGTERM or SIGUSR1 (what Slurm sends before pre-empting a job) makes every rank finish
 the current step, save it and raise Preempted, so a pre-empted job loses nothing.
+
+Precision (--precision bf16|fp16, or FDM's --use_fp16 True): only the network's forward runs
+under autocast (precision.PrecisionModel), and its output comes back as float32, so the loss
+is computed and reduced in float32; weights, gradients, optimizer state, EMAs and checkpoints
+stay float32. fp16 also scales the loss (torch.amp.GradScaler): a step whose scaled gradients
+overflow is skipped and the scale halved, which is the scaler working, not a non-finite step.
+--compile True trains through torch.compile(network) (compile_network); EMAs and checkpoints use
+the uncompiled model, so their state_dict keys are the plain ones.
 """
 
 import copy
@@ -22,7 +30,7 @@ import math
 import signal
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -32,6 +40,7 @@ from tqdm.auto import tqdm
 from .. import dist_util
 from ..checkpoints import read_checkpoint_file, read_model_checkpoint
 from ..errors import CheckpointError, ConfigError, TrainingError
+from ..precision import PrecisionModel, check_precision
 from . import checkpoint_io
 from .frame_masks import NOISE_MODES, training_example
 from .timestep_sampler import SCHEDULE_SAMPLERS, create_schedule_sampler, importance_weights
@@ -52,8 +61,8 @@ class TrainConfig:
     log_interval: int = 10
     save_interval: int = 50000
     resume_checkpoint: str = ""  # start a new run from these weights (FDM's meaning)
-    use_fp16: bool = False  # only False: mixed precision is not implemented yet
-    fp16_scale_growth: float = 1e-3  # recorded in the run's config; unused until use_fp16 works
+    use_fp16: bool = False  # FDM's flag: True means --precision fp16
+    fp16_scale_growth: float = 1e-3  # fp16 loss scale growth per step (FDM's, in log2 units), see grad_scaler
     resume_id: str = ""  # FDM's spelling of --wandb_id
     num_workers: int = -1  # threads reading videos; -1: number of cores - 1 (FDM's rule)
     pad_with_random_frames: bool = True
@@ -71,6 +80,11 @@ class TrainConfig:
     warmup_steps: int = 0  # linear learning-rate warm-up over this many steps (0: none), see lr_at
     adam_betas: str = "0.9,0.999"  # AdamW's (beta1, beta2); Diffusion Forcing's video recipe uses 0.9,0.99
     grad_clip: float = 0.0  # clip the gradient's global 2-norm to this (0: no clipping)
+    precision: str = field(default="fp32", metadata={"help": (
+        "the network's forward runs in this precision (autocast); weights, optimizer state, EMAs and "
+        "checkpoints stay float32; fp16 also scales the loss (FDM's --use_fp16 True means fp16)")})
+    compile: bool = field(default=False, metadata={"help": (
+        "train through torch.compile(network) (the first steps compile; checkpoints are unchanged)")})
 
     def validate(self):
         """Raise ConfigError naming the first flag that training cannot run with (cheap: no files read).
@@ -100,14 +114,20 @@ class TrainConfig:
                               f"an example cannot hold more frames than its video has.")
         if self.num_workers < -1:
             raise ConfigError(f"--num_workers must be -1 (cores - 1) or at least 0, got {self.num_workers}.")
-        if self.use_fp16:
-            raise ConfigError("--use_fp16 True is not supported yet; train in float32 (--use_fp16 False).")
+        check_precision(self.precision)
+        if self.use_fp16 and self.precision not in ("fp16", "fp32"):
+            raise ConfigError(f"--use_fp16 True means --precision fp16, which contradicts --precision "
+                              f"{self.precision}: give only one of them.")
         if not self.fp16_scale_growth >= 0:
             raise ConfigError(f"--fp16_scale_growth must be 0 or positive, got {self.fp16_scale_growth}.")
         for name, allowed in (("noise_mode", NOISE_MODES), ("schedule_sampler", SCHEDULE_SAMPLERS),
                               ("on_bad_video", ON_BAD_VIDEO)):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"--{name} must be one of {', '.join(allowed)}, got '{getattr(self, name)}'.")
+
+    def training_precision(self):
+        """The precision training runs in: FDM's --use_fp16 True is --precision fp16."""
+        return "fp16" if self.use_fp16 else self.precision
 
 
 ON_BAD_VIDEO = ("stop", "skip")
@@ -133,6 +153,36 @@ def parse_adam_betas(text):
     if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
         raise ConfigError(f"--adam_betas must be two numbers in [0, 1) such as 0.9,0.999, got '{text}'.")
     return betas
+
+
+# Below this loss scale fp16 gradients stay non-finite however small the loss is scaled (from the
+# initial 2**16 that takes 30 overflowing steps in a row): training stops rather than skip forever.
+MIN_LOSS_SCALE = 2.0 ** -14
+
+
+def grad_scaler(device, precision, fp16_scale_growth):
+    """torch.amp.GradScaler for dynamic fp16 loss scaling (disabled, a no-op, in fp32 and bf16).
+
+    FDM raises log2(loss scale) by fp16_scale_growth after every step and lowers it by 1 on an
+    overflow: the scale doubles every 1 / fp16_scale_growth overflow-free steps and halves on an
+    overflow. GradScaler does the same in whole doublings: growth_factor 2 after growth_interval
+    = 1 / fp16_scale_growth steps without an overflow, backoff 0.5. fp16_scale_growth 0: never grows.
+    """
+    interval = max(1, round(1 / fp16_scale_growth)) if fp16_scale_growth > 0 else 2 ** 30
+    return torch.amp.GradScaler(torch.device(device).type, growth_factor=2.0, backoff_factor=0.5,
+                                growth_interval=interval, enabled=precision == "fp16")
+
+
+def compile_network(network):
+    """torch.compile(network) with static shapes, for training (the default inductor backend).
+
+    Not precision.compile_model, whose dynamic shapes suit sampling's changing frame counts:
+    inductor (torch 2.13) fails to compile this network's training graphs with symbolic sizes
+    ("cannot determine truth value of Relational: 1 < s27"), while static ones compile. Training
+    shapes hardly change (batch and microbatch sizes are fixed; with padding frames every example
+    has max_frames frames), so each shape compiles once.
+    """
+    return torch.compile(network, dynamic=False)
 
 
 def example_generators(seed, step, index):
@@ -253,11 +303,20 @@ class TrainLoop:
             self.ddp_model = DDP(model, device_ids=[self.device] if self.device.type == "cuda" else None)
         else:
             self.ddp_model = model
+        self.precision = config.training_precision()
+        self.scaler = grad_scaler(self.device, self.precision, config.fp16_scale_growth)
+        # What the training forward calls: the (DDP-wrapped) network, compiled around DDP as torch
+        # recommends (DDP's gradient hooks stay eager), under autocast with a float32 output.
+        # self.model stays the plain module: EMAs, previews and checkpoints never see the compiled
+        # wrapper, so state_dict keys carry no "_orig_mod." prefix.
+        network = compile_network(self.ddp_model) if config.compile else self.ddp_model
+        self.network = PrecisionModel(network, self.precision, self.device)
 
     # ------------------------------------------------------------------ resume
 
     def read_step(self, step):
-        """(model state, EMA states, optimizer state, schedule sampler state) of a complete step.
+        """(model state, EMA states, optimizer state, schedule sampler state, fp16 loss scaler state or
+        None) of a complete step.
 
         Optimizer files are ours ({"optimizer", "step", ...}) or FDM's (the optimizer's bare
         state_dict, written by FDM's train_util.TrainLoop.save); model and EMA files have the
@@ -267,14 +326,15 @@ class TrainLoop:
         states = [read_model_checkpoint(path)["state_dict"] for path in [model_file, *ema_files]]
         opt = read_checkpoint_file(opt_file)
         if isinstance(opt, dict) and "optimizer" in opt:
-            return states[0], states[1:], opt["optimizer"], opt.get("schedule_sampler")
+            return states[0], states[1:], opt["optimizer"], opt.get("schedule_sampler"), opt.get("grad_scaler")
         if isinstance(opt, dict) and {"state", "param_groups"} <= set(opt):
-            return states[0], states[1:], opt, None
+            return states[0], states[1:], opt, None, None
         raise CheckpointError(f"'{opt_file}' is not an optimizer checkpoint: it has neither 'optimizer' "
                               f"nor 'state' and 'param_groups'.")
 
     def load_newest_readable(self, steps):
-        """Restore model, EMAs, optimizer, sampler and step from the newest of `steps` whose files all read.
+        """Restore model, EMAs, optimizer, sampler, fp16 loss scale and step from the newest of `steps`
+        whose files all read.
 
         A step with an unreadable file (truncated by a crash, corrupt) is skipped with one
         line naming the file; a file of the wrong model is an error. Rank 0 reads the files
@@ -295,7 +355,7 @@ class TrainLoop:
         found = dist_util.broadcast_object(found)
         if isinstance(found, CheckpointError):
             raise found
-        step, (model_state, ema_states, opt_state, sampler_state) = found
+        step, (model_state, ema_states, opt_state, sampler_state, scaler_state) = found
         names = [name for name, _ in self.model.named_parameters()]
         try:
             self.model.load_state_dict(model_state)
@@ -314,6 +374,9 @@ class TrainLoop:
                     p.copy_(state[name])
         if sampler_state:
             self.schedule_sampler.load_state_dict(sampler_state)
+        # Files written in fp32 or bf16 have no loss scale: fp16 then starts from the initial one.
+        if scaler_state and self.scaler.is_enabled():
+            self.scaler.load_state_dict(scaler_state)
         self.step = self.last_saved_step = step
         return step
 
@@ -391,7 +454,7 @@ class TrainLoop:
         return model.eval()
 
     def run_step(self):
-        """One optimizer step; returns rank 0's mean loss, or None when the step was skipped."""
+        """One optimizer step; returns rank 0's mean loss, or None when it was skipped for a non-finite loss."""
         torch.manual_seed(step_seed(self.cfg.seed, self.step, self.rank))  # dropout
         videos = self.data(self.step)
         B = self.cfg.batch_size
@@ -409,7 +472,7 @@ class TrainLoop:
             loss, terms, t, trained, (ts, losses) = self.microbatch_loss(batch, start, end)
             seen_t.append(ts)
             seen_losses.append(losses)
-            scaled = loss * (end - start) / B
+            scaled = self.scaler.scale(loss * (end - start) / B)  # fp16: times the loss scale
             if end >= B or self.world_size == 1:
                 scaled.backward()  # DDP averages the accumulated gradients over ranks here
             else:
@@ -418,7 +481,13 @@ class TrainLoop:
             total += float(loss.detach()) * (end - start) / B
             self.log_loss_terms(terms, t, trained)
         self.update_schedule_sampler(np.concatenate(seen_t), np.concatenate(seen_losses))
-        if not dist_util.all_ranks_agree(math.isfinite(total) and self.grads_finite()):
+        if self.scaler.is_enabled():
+            if not dist_util.all_ranks_agree(math.isfinite(total)):
+                return self.skip_step()
+            self.scaler.unscale_(self.opt)  # true gradients, for the finiteness check and clipping
+            if not dist_util.all_ranks_agree(self.grads_finite()):
+                return self.skip_overflow(total)
+        elif not dist_util.all_ranks_agree(math.isfinite(total) and self.grads_finite()):
             return self.skip_step()
         self.nonfinite_in_a_row = 0
         if self.cfg.grad_clip > 0:
@@ -426,7 +495,11 @@ class TrainLoop:
             # exp_video.yaml: 1.0). Gradients are already averaged over ranks, so all agree.
             norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip, foreach=True)
             self.logger.logkv_mean("grad_norm", float(norm))
-        self.opt.step()
+        self.scaler.step(self.opt)  # opt.step() (the gradients are finite here)
+        self.scaler.update()  # fp16: doubles the scale after growth_interval steps in a row
+        if self.scaler.is_enabled():
+            self.logger.logkv_mean("fp16_overflow", 0.0)
+            self.logger.logkv("loss_scale", self.scaler.get_scale())
         for rate, ema in zip(self.ema_rates, self.ema_params):
             update_ema(ema, self.params, rate)
         return total
@@ -451,6 +524,28 @@ class TrainLoop:
             )
         return None
 
+    def skip_overflow(self, loss):
+        """fp16: the scaled gradients overflowed, the loss was finite. Skip the step and halve the loss scale.
+
+        This is dynamic loss scaling finding its scale, so it resets the non-finite loss count
+        like a taken step; a scale that falls below MIN_LOSS_SCALE means gradients that no
+        scale makes finite, and stops training.
+        """
+        self.scaler.update()  # unscale_ recorded the overflow: the scale is halved
+        self.opt.zero_grad(set_to_none=True)
+        self.nonfinite_in_a_row = 0
+        scale = self.scaler.get_scale()
+        self.logger.logkv_mean("fp16_overflow", 1.0)  # the fraction of steps skipped, per log line
+        self.logger.logkv("loss_scale", scale)
+        if scale < MIN_LOSS_SCALE:
+            saved = self.last_saved_step
+            last = "no checkpoint yet" if saved is None else f"last checkpoint: step {saved}"
+            raise TrainingError(
+                f"Training stopped at step {self.step}: fp16 gradients stayed non-finite down to loss scale "
+                f"{scale:g} ({last}, in {self.run_dir}); train with --precision bf16 or fp32."
+            )
+        return loss
+
     def microbatch_loss(self, batch, start, end):
         dev = self.device
         part = {k: v[start:end].to(dev) for k, v in batch.items()}
@@ -471,7 +566,7 @@ class TrainLoop:
         known = (obs_mask > 0) & ~(part["noisy_obs"] > 0)
         frame_weights = self.diffusion.loss_frame_weights(t, K, known=known.view(B, K),
                                                           in_sequence=((obs_mask + latent_mask) > 0).view(B, K))
-        frame_terms = self.diffusion.training_losses(self.ddp_model, x, t, model_kwargs, noise=part["noise"],
+        frame_terms = self.diffusion.training_losses(self.network, x, t, model_kwargs, noise=part["noise"],
                                                      latent_mask=loss_mask, per_frame_terms=True,
                                                      frame_weights=frame_weights)
         # Each trained frame's loss times its timestep's importance weight, averaged over the
@@ -528,8 +623,11 @@ class TrainLoop:
                 checkpoint_io.atomic_save(self.checkpoint_dict(state), path)
             *_, model_file, opt_file = self.step_files()
             checkpoint_io.atomic_save(self.checkpoint_dict(model_state), model_file)
-            checkpoint_io.atomic_save({"optimizer": to_cpu(self.opt.state_dict()), "step": self.step,
-                                       "schedule_sampler": self.schedule_sampler.state_dict()}, opt_file)
+            opt_state = {"optimizer": to_cpu(self.opt.state_dict()), "step": self.step,
+                         "schedule_sampler": self.schedule_sampler.state_dict()}
+            if self.scaler.is_enabled():  # fp16's loss scale and growth count, for an exact resume
+                opt_state["grad_scaler"] = self.scaler.state_dict()
+            checkpoint_io.atomic_save(opt_state, opt_file)
             checkpoint_io.remove_old_steps(self.run_dir, self.ema_rates, self.cfg.keep_last)
             self.logger.info(f"saved step {self.step} to {self.run_dir}")
         self.last_saved_step = self.step
