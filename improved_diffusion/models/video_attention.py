@@ -85,8 +85,9 @@ class EarlierFrames:
     `layers` holds them per temporal-attention layer in call order, each (k, v) of shape
     [B x D x heads x P x C/heads] for P earlier frames, with their time embeddings `temb`
     [B x P x E] and frame indices [B x P] (all of them frames in the model, not padding).
-    Each layer of a call hands over its own frames' (k, v) through `exchange`, so the caller
-    can keep them for later calls (sampling/kv_cache.py); the UNet sets `recorded_temb`.
+    Each layer of a call gets the earlier and its own frames' (k, v) from `extend`, which records
+    them, so the caller can keep them for later calls (sampling/kv_cache.py); the UNet sets
+    `recorded_temb` to this call's time embeddings.
     """
 
     def __init__(self, layers=(), temb=None, frame_indices=None):
@@ -96,11 +97,13 @@ class EarlierFrames:
         self.recorded = []
         self.recorded_temb = None
 
-    def exchange(self, k, v):
-        """Record this call's (k, v) of the next layer; return that layer's earlier (k, v), or None."""
-        i = len(self.recorded)
+    def extend(self, k, v):
+        """This call's (k, v) of the next layer preceded by the earlier frames' (if any), recorded for the caller."""
+        if self.layers:
+            past_k, past_v = self.layers[len(self.recorded)]
+            k, v = torch.cat([past_k, k], dim=3), torch.cat([past_v, v], dim=3)
         self.recorded.append((k, v))
-        return self.layers[i] if self.layers else None
+        return k, v
 
 
 class TemporalAttention(nn.Module):
@@ -140,9 +143,9 @@ class TemporalAttention(nn.Module):
         qkv = self.qkv(h).view(B, D, T, 3, heads, C // heads).permute(3, 0, 1, 4, 2, 5)
         q, k, v = qkv[0] * self.scale, qkv[1], qkv[2]  # [B x D x heads x T x C/heads]
         key_temb, key_indices, key_mask = temb, frame_indices, attn_mask
-        past = None if earlier is None else earlier.exchange(k, v)
-        if past is not None:  # keys: the P earlier frames, then this call's frames
-            k, v = torch.cat([past[0], k], dim=3), torch.cat([past[1], v], dim=3)
+        if earlier is not None:
+            k, v = earlier.extend(k, v)  # keys: the P earlier frames, then this call's frames
+        if earlier is not None and earlier.layers:
             key_temb = torch.cat([earlier.temb, temb.view(B, T, -1)], dim=1).flatten(0, 1)
             key_indices = torch.cat([earlier.frame_indices, frame_indices], dim=1)
             key_mask = torch.cat([torch.ones_like(earlier.frame_indices, dtype=attn_mask.dtype), attn_mask], dim=1)

@@ -69,15 +69,12 @@ class CausalCache:
         out = self.model(query["x"], query["t"], x0=query["x"], frame_indices=query["frame_indices"],
                          obs_mask=query["obs"], latent_mask=query["in_model"] - query["obs"], earlier=earlier,
                          **kwargs)
+        temb = earlier.recorded_temb
         if P:
             out = torch.cat([old["out"][:, :P], out], dim=1)
-            layers = [(torch.cat([ok[:, :, :, :P], k], dim=3), torch.cat([ov[:, :, :, :P], v], dim=3))
-                      for (ok, ov), (k, v) in zip(old["layers"], earlier.recorded)]
-            temb = torch.cat([old["temb"][:, :P], earlier.recorded_temb], dim=1)
-        else:
-            layers, temb = earlier.recorded, earlier.recorded_temb
+            temb = torch.cat([old["temb"][:, :P], temb], dim=1)
         self.state = {**{name: value for name, value in inputs.items() if name != "order"},
-                      "layers": layers, "temb": temb, "out": out}
+                      "layers": earlier.recorded, "temb": temb, "out": out}
         self.frames_requested += B * T
         self.frames_computed += B * (T - P)
         unsorted = torch.empty_like(out)
