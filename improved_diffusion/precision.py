@@ -46,11 +46,14 @@ class PrecisionModel:
         return out.float() if torch.is_tensor(out) else out
 
 
-def compile_model(model):
-    """`torch.compile(model)` with the frame axis dynamic.
+def compile_model(model, dynamic=True):
+    """`torch.compile(model)`, by default with the frame axis dynamic.
 
-    Stages hold different numbers of frames (and the causal cache calls the network on the new
-    frames only), so a static compile would recompile for every new frame count; `dynamic=True`
-    compiles one graph with symbolic sizes instead, which bounds recompilation.
+    Sampling: stages hold different numbers of frames (and the causal cache calls the network on
+    the new frames only), so a static compile would recompile for every new frame count;
+    `dynamic=True` compiles one graph with symbolic sizes instead, which bounds recompilation.
+    Training passes dynamic=False: inductor (torch 2.13) fails on this network's backward graphs
+    with symbolic sizes ("cannot determine truth value of Relational"), and a training batch
+    always has max_frames frames, so each shape compiles once.
     """
-    return torch.compile(model, dynamic=True)
+    return torch.compile(model, dynamic=dynamic)

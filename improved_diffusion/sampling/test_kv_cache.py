@@ -136,3 +136,22 @@ def test_only_causal_unets_are_cached():
     assert supports_cache(random_unet(causal=True)) and not supports_cache(random_unet(causal=False))
     with pytest.raises(ValueError, match="causal=True"):
         CausalCache(random_unet(causal=False))
+
+
+def test_sampling_runs_use_the_cache_by_default_for_causal_unets_only(capsys):
+    from improved_diffusion.sampling.run import prepare_model
+
+    causal, plain = random_unet(causal=True), random_unet(causal=False)
+    assert isinstance(prepare_model(causal, "cpu"), CausalCache)
+    assert prepare_model(causal, "cpu", kv_cache=False) is causal
+    assert prepare_model(plain, "cpu") is plain and capsys.readouterr().err == ""
+    assert prepare_model(plain, "cpu", kv_cache=True) is plain
+    assert "--kv_cache True has no effect" in capsys.readouterr().err
+
+    # Per video, each batch slot keeps its own cache: the second call of slot 0 reuses its frames.
+    x, t, kwargs = call_inputs(torch.float32)
+    per_video = prepare_model(causal, "cpu", batch_invariant=True)
+    with torch.no_grad():
+        first = per_video(x, t, **kwargs)
+        again = per_video(x, t, **kwargs)
+        assert torch.allclose(first, causal(x, t, **kwargs), atol=1e-5) and torch.allclose(again, first, atol=1e-5)

@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 from .. import dist_util
 from ..checkpoints import read_checkpoint_file, read_model_checkpoint
 from ..errors import CheckpointError, ConfigError, TrainingError
-from ..precision import PrecisionModel, check_precision
+from ..precision import PrecisionModel, check_precision, compile_model
 from . import checkpoint_io
 from .frame_masks import NOISE_MODES, training_example
 from .timestep_sampler import SCHEDULE_SAMPLERS, create_schedule_sampler, importance_weights
@@ -174,15 +174,8 @@ def grad_scaler(device, precision, fp16_scale_growth):
 
 
 def compile_network(network):
-    """torch.compile(network) with static shapes, for training (the default inductor backend).
-
-    Not precision.compile_model, whose dynamic shapes suit sampling's changing frame counts:
-    inductor (torch 2.13) fails to compile this network's training graphs with symbolic sizes
-    ("cannot determine truth value of Relational: 1 < s27"), while static ones compile. Training
-    shapes hardly change (batch and microbatch sizes are fixed; with padding frames every example
-    has max_frames frames), so each shape compiles once.
-    """
-    return torch.compile(network, dynamic=False)
+    """The training network through torch.compile with static shapes (see precision.compile_model)."""
+    return compile_model(network, dynamic=False)
 
 
 def example_generators(seed, step, index):
