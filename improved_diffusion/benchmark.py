@@ -717,18 +717,23 @@ def write_outputs(result, out):
 
 
 
-def cache_by_window(config, windows, T=64, sampling_steps=20, reps=2, device=None, seed=0, log=None):
+def cache_by_window(config, windows, T=64, sampling_steps=20, reps=2, device=None, seed=0, log=None, videos=None):
     """Frames/s of a causal `stabilized-autoreg` rollout (DDIM, 1 new frame per stage) to T frames, with and
     without the key/value cache, for each window (max_frames) in `windows`; returns a markdown table.
 
     Uncached and cached rollouts of one window alternate (reps each) and the median is reported; the
     cached sampler computes the window's frames once per stage and then only the new frame, so the
-    ratio grows with the window and with the number of steps per stage.
+    ratio grows with the window and with the number of steps per stage. videos: how many videos are
+    sampled at once (None: the config's sample_batch).
     """
     from .sampling.kv_cache import CausalCache
 
     log = log or (lambda line: print(line, file=sys.stderr, flush=True))
     bench = bench_config(config, quick=False, sampling_steps=sampling_steps)
+    if videos is not None:
+        if videos < 1:
+            raise ConfigError(f"--videos must be a positive integer, got {videos}.")
+        bench = dataclasses.replace(bench, sample_batch=videos)
     device = device_flag(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if not windows or min(windows) < 2 or max(windows) >= T:
         raise ConfigError(f"--cache_windows must be window sizes between 2 and T - 1 = {T - 1}, got {windows}.")

@@ -43,6 +43,8 @@ def create_argparser():
                    help="Instead of the variant table: frames/s of a causal stabilized-autoreg rollout to --T frames "
                         "with and without the key/value cache, per window size (e.g. 4,8,16).")
     p.add_argument("--T", type=int, default=64, help="With --cache_windows: frames per rollout.")
+    p.add_argument("--videos", type=int, default=None,
+                   help="With --cache_windows: videos sampled at once (default: the config's).")
     p.add_argument("--out", default=None, metavar="FILE",
                    help="Also write FILE.json and FILE.md (a .json or .md suffix is dropped).")
     return p
@@ -56,7 +58,7 @@ def main(args):
             raise ConfigError(f"--cache_windows must be comma-separated integers, got {args.cache_windows!r}.") from None
         sys.stdout.write(benchmark.cache_by_window(args.config, windows, T=args.T,
                                                    sampling_steps=args.sampling_steps or 20, reps=args.reps or 2,
-                                                   device=args.device))
+                                                   device=args.device, videos=args.videos))
         return
     result = benchmark.run_benchmark(args.config, device=args.device, reps=args.reps, variants=args.variants,
                                      quick=args.quick, sampling_steps=args.sampling_steps, threads=args.threads)

@@ -9,7 +9,7 @@ an interrupted comparison resumes), is scored as by video_eval.py, and <out_dir>
 report.html show a table of metrics, wall time and network evaluations per scheme, metric-vs-frame
 plots, plan pictures and frame strips (improved_diffusion.evaluation.compare.compare_schemes). Every
 scheme gets the same n_obs (default max_frames - max_latent_frames), so all are conditioned on the
-same frames. --precision, --compile and --batch_invariant are video_sample.py's.
+same frames. --precision, --compile, --batch_invariant and --kv_cache are video_sample.py's.
 """
 
 import argparse
@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from improved_diffusion import cli  # noqa: E402
 from improved_diffusion.evaluation.compare import DEFAULT_SCHEMES, compare_schemes  # noqa: E402
 from improved_diffusion.evaluation.evaluate import METRICS  # noqa: E402
+from improved_diffusion.sampling.run import add_model_call_flags  # noqa: E402
 
 
 def create_argparser():
@@ -38,14 +39,7 @@ def create_argparser():
     p.add_argument("--use_ddim", type=cli.str2bool, default=None,
                    help="default False; with --df_config, True when the DF config samples fewer levels than its steps")
     p.add_argument("--batch_size", type=int, default=8)
-    p.add_argument("--batch_invariant", type=cli.str2bool, default=False,
-                   help="True: call the model per video (slower), so samples are byte-identical for any batch size "
-                        "or rank count; default False: one model call per batch")
-    p.add_argument("--precision", default="fp32",
-                   help="fp32, bf16 or fp16: the network's matmuls and convolutions run at this precision through "
-                        "autocast (outputs, weights and the sampler's arithmetic stay float32)")
-    p.add_argument("--compile", type=cli.str2bool, default=False,
-                   help="torch.compile the network (its compile time counts in the report's sampling seconds)")
+    add_model_call_flags(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--metrics", default="", help=f"comma-separated, from {','.join(METRICS)} (default: all that apply)")
     p.add_argument("--i3d_path", default=None, help="TorchScript I3D (StyleGAN-V's i3d_torchscript.pt), for FVD")

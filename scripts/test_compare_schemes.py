@@ -140,7 +140,7 @@ class StopSampling(BaseException):
     """Ends a comparison at its first sample_dataset call (a BaseException: cli.run lets it through)."""
 
 
-def test_precision_compile_and_batch_invariant_reach_sample_dataset(checkpoint, tmp_path, capsys, monkeypatch):
+def test_model_call_flags_reach_sample_dataset(checkpoint, tmp_path, capsys, monkeypatch):
     seen = []
 
     def spy(*args, **kwargs):
@@ -150,9 +150,9 @@ def test_precision_compile_and_batch_invariant_reach_sample_dataset(checkpoint, 
     monkeypatch.setattr(compare, "sample_dataset", spy)
     with pytest.raises(StopSampling):
         run(capsys, checkpoint, *ARGS, "--precision", "bf16", "--compile", "True", "--batch_invariant", "True",
-            "--out_dir", tmp_path)
-    assert {k: seen[0][k] for k in ("precision", "compile", "batch_invariant")} == dict(
-        precision="bf16", compile=True, batch_invariant=True)
+            "--kv_cache", "False", "--out_dir", tmp_path)
+    assert {k: seen[0][k] for k in ("precision", "compile", "batch_invariant", "kv_cache")} == dict(
+        precision="bf16", compile=True, batch_invariant=True, kv_cache=False)
     assert json.loads((tmp_path / "compare_config.json").read_text())["precision"] == "bf16"
 
 

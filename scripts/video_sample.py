@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from improved_diffusion import cli, dist_util  # noqa: E402
 from improved_diffusion.sampling.noise_schedules import noise_schedules  # noqa: E402
-from improved_diffusion.sampling.run import sample_dataset  # noqa: E402
+from improved_diffusion.sampling.run import add_model_call_flags, sample_dataset  # noqa: E402
 from improved_diffusion.sampling.scheme import PRESETS, STABILIZATIONS  # noqa: E402
 
 
@@ -59,18 +59,7 @@ def create_argparser():
                    help="noise levels per stage (0: diffusion steps; default 0, a DF config's sampling_timesteps)")
     p.add_argument("--optimality", default=None, help="optimal schedule file (stage -> observed frames)")
     p.add_argument("--batch_size", type=int, default=8)
-    p.add_argument("--batch_invariant", type=cli.str2bool, default=False,
-                   help="True: call the model per video (slower), so samples are byte-identical for any batch size "
-                        "or rank count; default False: one model call per batch (results may differ in the last "
-                        "bits across batch sizes)")
-    p.add_argument("--precision", default="fp32",
-                   help="fp32, bf16 or fp16: the network's matmuls and convolutions run at this precision through "
-                        "autocast (outputs, weights and the sampler's arithmetic stay float32)")
-    p.add_argument("--compile", type=cli.str2bool, default=False,
-                   help="torch.compile the network (the first stages are slow while it compiles)")
-    p.add_argument("--kv_cache", type=cli.str2bool, default=None,
-                   help="reuse the activations of unchanged earlier frames in a causal UNet (--causal True) instead "
-                        "of recomputing them at every denoising step; exact (default: on where the model supports it)")
+    add_model_call_flags(p)
     p.add_argument("--start_index", type=int, default=0)
     p.add_argument("--stop_index", type=int, default=-1, help="-1: every test video")
     p.add_argument("--sample_idx", type=int, default=0, help="which sample of each video (seeds differ)")

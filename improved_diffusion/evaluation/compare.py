@@ -6,7 +6,7 @@ and report.md / report.html are written (report.py). Every scheme gets the same 
 max_frames - max_latent_frames), so all are conditioned on the same frames. All settings, and
 every scheme, are checked before anything is sampled. A Diffusion Forcing checkpoint needs
 `df_config` (DF's config); every scheme then samples with DF's sampler settings, as in
-`sampling.run.sample_dataset`, which also takes `precision`, `compile` and `batch_invariant` from here.
+`sampling.run.sample_dataset`, which also takes `precision`, `compile`, `batch_invariant` and `kv_cache` from here.
 """
 
 import os
@@ -28,12 +28,12 @@ DEFAULT_SCHEMES = "autoreg,long-range,hierarchy-2,df-pyramid"
 def compare_schemes(checkpoint_path, schemes=DEFAULT_SCHEMES, *, n_videos=8, T=DEFAULT, n_obs=DEFAULT,
                     max_frames=DEFAULT, max_latent_frames=DEFAULT, timestep_respacing="", use_ddim=None,
                     batch_size=8, seed=0, metrics="", i3d_path=None, out_dir=None, df_config=None, precision="fp32",
-                    compile=False, batch_invariant=False):
+                    compile=False, batch_invariant=False, kv_cache=None):
     """Sample, score and report each scheme of the comma-separated `schemes`; returns (report.md, report.html).
 
     use_ddim None: the checkpoint config's choice (a DF config's), else False. precision, compile,
-    batch_invariant: as `sample_dataset`'s; precision is a setting of out_dir (samples of different
-    precisions are not mixed), compile and batch_invariant are not. Under MPI every rank calls this
+    batch_invariant, kv_cache: as `sample_dataset`'s; precision is a setting of out_dir (samples of different
+    precisions are not mixed), compile, batch_invariant and kv_cache are not. Under MPI every rank calls this
     and samples its share; rank 0 scores and writes the report (other ranks return None).
     """
     had_process_group = dist.is_initialized()
@@ -82,7 +82,7 @@ def compare_schemes(checkpoint_path, schemes=DEFAULT_SCHEMES, *, n_videos=8, T=D
     def sample(name, eval_dir):
         sample_dataset(checkpoint_path, name, eval_dir=eval_dir, stop_index=n_videos, batch_size=batch_size,
                        seed=seed, df_config=df_config, precision=precision, compile=compile,
-                       batch_invariant=batch_invariant, **scheme_args)
+                       batch_invariant=batch_invariant, kv_cache=kv_cache, **scheme_args)
 
     sample_schemes(names, sample, out_dir, n_videos)
 

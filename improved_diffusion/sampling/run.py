@@ -135,6 +135,25 @@ def check_folder(flag, path):
         raise ConfigError(f"--{flag} {path} is a file, not a folder.")
 
 
+def add_model_call_flags(parser):
+    """The flags of how the network is called (video_sample.py and compare_schemes.py share them)."""
+    from ..cli import str2bool
+
+    parser.add_argument("--batch_invariant", type=str2bool, default=False,
+                        help="True: call the model per video (slower), so samples are byte-identical for any batch "
+                             "size or rank count; default False: one model call per batch (results may differ in the "
+                             "last bits across batch sizes)")
+    parser.add_argument("--precision", default="fp32",
+                        help="fp32, bf16 or fp16: the network's matmuls and convolutions run at this precision "
+                             "through autocast (outputs, weights and the sampler's arithmetic stay float32)")
+    parser.add_argument("--compile", type=str2bool, default=False,
+                        help="torch.compile the network (the first stages are slow while it compiles)")
+    parser.add_argument("--kv_cache", type=str2bool, default=None,
+                        help="reuse the activations of unchanged earlier frames in a causal UNet (--causal True) "
+                             "instead of recomputing them at every denoising step; exact (default: on where the "
+                             "model supports it)")
+
+
 def prepare_model(model, device, *, batch_invariant=False, precision="fp32", compile=False, kv_cache=None):
     """The loaded network `model` (an nn.Module on `device`) as the sampler calls it.
 

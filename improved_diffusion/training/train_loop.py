@@ -509,11 +509,9 @@ class TrainLoop:
         self.logger.logkv("nonfinite_skipped", self.nonfinite_in_a_row)
         self.logger.info(f"step {self.step}: non-finite loss, optimizer step skipped")
         if self.nonfinite_in_a_row >= self.cfg.max_nonfinite_steps:
-            saved = self.last_saved_step
-            last = "no checkpoint yet" if saved is None else f"last checkpoint: step {saved}"
             raise TrainingError(
                 f"Training stopped after {self.nonfinite_in_a_row} consecutive non-finite losses at step "
-                f"{self.step} ({last}, in {self.run_dir})."
+                f"{self.step} ({self.last_checkpoint()})."
             )
         return None
 
@@ -531,13 +529,17 @@ class TrainLoop:
         self.logger.logkv_mean("fp16_overflow", 1.0)  # the fraction of steps skipped, per log line
         self.logger.logkv("loss_scale", scale)
         if scale < MIN_LOSS_SCALE:
-            saved = self.last_saved_step
-            last = "no checkpoint yet" if saved is None else f"last checkpoint: step {saved}"
             raise TrainingError(
                 f"Training stopped at step {self.step}: fp16 gradients stayed non-finite down to loss scale "
-                f"{scale:g} ({last}, in {self.run_dir}); train with --precision bf16 or fp32."
+                f"{scale:g} ({self.last_checkpoint()}); train with --precision bf16 or fp32."
             )
         return loss
+
+    def last_checkpoint(self):
+        """Where a stopped run can resume from, for its error message."""
+        saved = self.last_saved_step
+        last = "no checkpoint yet" if saved is None else f"last checkpoint: step {saved}"
+        return f"{last}, in {self.run_dir}"
 
     def microbatch_loss(self, batch, start, end):
         dev = self.device
