@@ -135,6 +135,7 @@ VIDEO_SAMPLE_FLAGS = [
     (["--precision", "fp8"], "--precision"),  # checked before the model is loaded
     (["--precision", "FP32"], "--precision"),
     (["--compile", "maybe"], "--compile"),
+    (["--kv_cache", "often"], "--kv_cache"),
     (["--start_index", "-1"], "--start_index"),
     (["--start_index", "100"], "--start_index"),  # the dataset has 100 test videos
     (["--start_index", "3", "--stop_index", "2"], "--stop_index"),
@@ -180,6 +181,7 @@ def test_bad_checkpoints(capsys, files, name):
     (["--batch_invariant", "sometimes"], "--batch_invariant"),
     (["--precision", "half"], "--precision"),
     (["--compile", "maybe"], "--compile"),
+    (["--kv_cache", "often"], "--kv_cache"),
     (["--seed", "-1"], "--seed"),
     (["--schemes", ","], "--schemes"),
     (["--schemes", "autoreg,nope"], "nope"),
