@@ -53,14 +53,11 @@ class CausalCache:
     def __getattr__(self, name):  # config, parameters(), ... of the wrapped model
         return getattr(self.__dict__["model"], name)
 
-    def clear(self):
-        self.state = None
-
     def __call__(self, x, timesteps, x0=None, frame_indices=None, obs_mask=None, latent_mask=None, **kwargs):
-        inputs = _sorted_inputs(x, timesteps, x0, frame_indices, obs_mask, latent_mask)
+        inputs, order = _sorted_inputs(x, timesteps, x0, frame_indices, obs_mask, latent_mask)
         B, T = inputs["t"].shape
         P = min(self._reusable_prefix(inputs), T - 1)  # at least one frame goes through the network
-        query = {name: value[:, P:] for name, value in inputs.items() if name != "order"}
+        query = {name: value[:, P:] for name, value in inputs.items()}
         old = self.state
         earlier = EarlierFrames()
         if P:
@@ -73,12 +70,11 @@ class CausalCache:
         if P:
             out = torch.cat([old["out"][:, :P], out], dim=1)
             temb = torch.cat([old["temb"][:, :P], temb], dim=1)
-        self.state = {**{name: value for name, value in inputs.items() if name != "order"},
-                      "layers": earlier.recorded, "temb": temb, "out": out}
+        self.state = {**inputs, "layers": earlier.recorded, "temb": temb, "out": out}
         self.frames_requested += B * T
         self.frames_computed += B * (T - P)
         unsorted = torch.empty_like(out)
-        unsorted.scatter_(1, inputs["order"].view(B, T, 1, 1, 1).expand_as(out), out)
+        unsorted.scatter_(1, order.view(B, T, 1, 1, 1).expand_as(out), out)
         return unsorted
 
     def _reusable_prefix(self, new):
@@ -117,8 +113,8 @@ def _sorted_inputs(x, timesteps, x0, frame_indices, obs_mask, latent_mask):
     """What the network sees of each frame, with each video's frames sorted: in-model by index, padding last.
 
     Returns a dict of x (the shown image: x0 where observed, else x) [B x T x C x H x W], t, frame
-    indices, obs and in_model flags [B x T] (obs/in_model as x's float dtype, shaped for the
-    model's masks), and `order` [B x T], the slot each sorted position came from.
+    indices [B x T], obs and in_model flags (x's float dtype, shaped as the model's masks); and
+    `order` [B x T], the slot each sorted position came from.
     """
     B, T = x.shape[:2]
     device = x.device
@@ -139,4 +135,4 @@ def _sorted_inputs(x, timesteps, x0, frame_indices, obs_mask, latent_mask):
         return value.gather(1, order.view(B, T, *[1] * (value.dim() - 2)).expand_as(value))
 
     return {"x": take(shown), "t": take(t.contiguous()), "frame_indices": take(frame_indices.contiguous()),
-            "obs": take(obs_mask), "in_model": take(in_model), "order": order}
+            "obs": take(obs_mask), "in_model": take(in_model)}, order

@@ -163,12 +163,10 @@ def prepare_model(model, device, *, batch_invariant=False, precision="fp32", com
     under autocast and hands back float32; the per-video wrapper is outermost so that each per-video
     call still goes through all of them, with one cache per video slot.
     """
-    raw = model
     if compile:
         model = compile_model(model)
-    network = model
-    use_cache = supports_cache(raw) if kv_cache is None else kv_cache
-    if use_cache and not supports_cache(raw):
+    use_cache = supports_cache(model) if kv_cache is None else kv_cache  # supports_cache sees through compile
+    if use_cache and not supports_cache(model):
         print("--kv_cache True has no effect: only FDM's UNet built with --causal True can reuse earlier frames "
               "(in any other network later frames change earlier ones); sampling without the cache.",
               file=sys.stderr)
@@ -182,8 +180,8 @@ def prepare_model(model, device, *, batch_invariant=False, precision="fp32", com
         return net
 
     if batch_invariant:
-        return one_video_at_a_time(network, wrap)
-    return wrap(network)
+        return one_video_at_a_time(model, wrap)
+    return wrap(model)
 
 
 def check_same_precision(eval_dir, precision):
