@@ -30,13 +30,16 @@ if [ -d ../shared ]; then ln -s "$(cd ../shared && pwd)" "$scratch/shared"; fi
 {
   echo "[mutmut]"
   echo "source_paths = $module"
-  echo "pytest_add_cli_args_test_selection = $*"
+  echo "pytest_add_cli_args_test_selection ="
+  for test in "$@"; do echo "    $test"; done
   echo "also_copy ="
   echo "    improved_diffusion"
   echo "    scripts"
   echo "    pytest.ini"
 } > "$work/setup.cfg"
 cd "$work"
+export HYPOTHESIS_PROFILE=mutation  # 20 examples per property test (improved_diffusion/conftest.py)
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}  # mutmut runs one child per core; tiny tests are fastest on one thread
 echo "mutating $module against $*, in $work" >&2
 mutmut run > mutmut.log 2>&1 || { tail -20 mutmut.log >&2; exit 1; }
 mutmut results > results.txt 2>&1 || true
