@@ -71,7 +71,12 @@ def stage_levels(settings, num_latent, num_timesteps):
 
 
 def video_generator(seed, sample_idx, video_index):
-    """The generator of one video's noise: a function of (seed, sample_idx, video index) only."""
+    """The generator of one video's noise: a function of (seed, sample_idx, video index) only.
+
+    Its seed is the 64-bit number made of the two 32-bit words numpy's SeedSequence([seed,
+    sample_idx, video_index]) generates first, so a results folder resumed by a later version draws
+    the same noise (tested against that formula).
+    """
     state = np.random.SeedSequence([seed, sample_idx, video_index]).generate_state(2, dtype=np.uint32)
     return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
 

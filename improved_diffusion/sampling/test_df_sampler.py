@@ -134,7 +134,8 @@ class Spy(StandIn):
         self.calls = []
 
     def __call__(self, x, t, **kwargs):
-        self.calls.append({"t": t.clone(), "x0": kwargs["x0"].clone(), "obs_mask": kwargs["obs_mask"].clone()})
+        self.calls.append({"t": t.clone(), "x0": kwargs["x0"].clone(), "obs_mask": kwargs["obs_mask"].clone(),
+                           "latent_mask": kwargs["latent_mask"].clone()})
         return super().__call__(x, t, **kwargs)
 
 
@@ -151,6 +152,77 @@ def test_df_shows_every_context_frame_scaled_without_noise_at_level_minus_one():
         assert torch.allclose(call["x0"][:, :2], scale * xs[:, :2], atol=1e-6)
     late = [c for c in spy.calls if c["obs_mask"][0, 2] == 1]  # frame 2 finished, frame 3 still denoising
     assert len(late) == 4 and all((c["t"][:, 2] == 4).all() for c in late)
+
+
+def test_df_ancestral_shows_context_with_fresh_clamped_noise():
+    """DDPM path: context frames are q_sample'd at k - 1 with fresh noise, clamped to +-clip_noise, each call."""
+    diffusion = create_diffusion(DiffusionConfig(diffusion_steps=40, rescale_timesteps=False))
+    xs, _ = inputs()
+    spy = Spy()
+    torch.manual_seed(0)
+    sample_stage(spy, diffusion, xs.clone(), [[0, 1]] * B, [[2, 3]] * B,
+                 StageSettings(noise_schedule="autoregressive", use_ddim=False, stabilization="df",
+                               stabilization_level=5, clip_noise=1.5, clip_denoised=False))
+    ab = float(diffusion.alphas_cumprod[4])
+    noises = [(c["x0"][:, :2] - np.sqrt(ab) * xs[:, :2]) / np.sqrt(1 - ab) for c in spy.calls]
+    assert len(noises) == 80  # 40 levels for each of the 2 frames, one after the other
+    for c in spy.calls:  # the network sees context as observed and everything else as latent
+        assert torch.equal(c["latent_mask"], 1 - c["obs_mask"])
+    drawn = torch.stack(noises)
+    assert drawn.abs().max() <= 1.5 + 1e-4 and drawn.abs().max() > 1.4  # clamped, and the clamp is reached
+    assert 0.75 < drawn.std() < 1.0  # a standard normal clamped at 1.5 has std 0.86
+    assert not torch.allclose(noises[0], noises[1])  # fresh at every call
+
+
+def test_df_ddim_with_eta_draws_step_noise():
+    diffusion, net = diffusion_for("pred_v"), StandIn()
+    xs, inits = inputs()
+
+    def run(eta, seed):
+        torch.manual_seed(seed)
+        return ours(net, diffusion, xs, inits, df_settings(eta=eta))
+
+    assert torch.equal(run(0.5, 0), run(0.5, 0))
+    assert not torch.equal(run(0.5, 0), run(0.5, 1))  # the noise matters ...
+    assert (run(0.5, 0) - run(0.0, 0)).abs().max() > 1e-2  # ... and eta reaches the update
+    assert torch.equal(run(0.0, 0), run(0.0, 1))  # eta 0 is deterministic given the starting noise
+
+
+@pytest.mark.parametrize("use_ddim", [True, False])
+def test_df_clip_denoised_reaches_both_updates(use_ddim):
+    """An x0 network whose outputs leave [-1, 1]: clipping changes the video, and DDIM's last step lands in [-1, 1]."""
+    diffusion = create_diffusion(DiffusionConfig(diffusion_steps=20, noise_schedule="cosine", predict_xstart=True))
+    net, (xs, inits) = StandIn(3.0), inputs()
+
+    def run(clip):
+        torch.manual_seed(0)
+        settings = StageSettings(noise_schedule="pyramid", use_ddim=use_ddim, stabilization="df",
+                                 stabilization_level=3, clip_denoised=clip, sampling_steps=10 if use_ddim else 0)
+        return ours(net, diffusion, xs, inits, settings)
+
+    clipped, unclipped = run(True), run(False)
+    assert (clipped - unclipped).abs().max() > 1e-2
+    assert unclipped.abs().max() > 1.5
+    if use_ddim:
+        assert clipped.abs().max() <= 1 + 1e-6
+
+
+def test_df_callback_reports_each_row():
+    diffusion, net = diffusion_for("pred_v"), StandIn()
+    xs, inits = inputs()
+    rows = []
+    plan = sampling_schemes["sliding-window"](video_length=T, num_obs=N_CONTEXT, max_frames=WINDOW, step_size=CHUNK)
+    sample_video(net, diffusion, xs, N_CONTEXT, plan, df_settings(), initial_noise=inits, callback=rows.append)
+    assert all(set(r) == {"stage", "row", "previous", "x", "t_from", "t_to", "t_model", "pred_xstart"} for r in rows)
+    rows_per_stage = S + CHUNK - 1  # a pyramid over CHUNK frames has S + CHUNK rows
+    assert [(r["stage"], r["row"]) for r in rows] == [(s, m) for s in range(4) for m in range(rows_per_stage)]
+    for r in rows:
+        moving = (r["t_from"] != r["t_to"]) & (r["t_from"] >= 0)
+        unchanged = (r["x"] == r["previous"]).flatten(2).all(dim=2)
+        assert torch.equal(unchanged, ~moving)  # exactly the frames whose level changes are updated
+        context = r["t_from"] < 0
+        assert (r["t_model"][context] == STAB - 1).all() and torch.equal(r["t_model"][~context], r["t_from"][~context])
+        assert r["pred_xstart"].shape == r["x"].shape
 
 
 def test_df_ddim_step_closed_form_with_eta():

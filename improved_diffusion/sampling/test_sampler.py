@@ -319,6 +319,56 @@ def test_stabilized_rollout_ten_times_the_window_does_not_drift(stabilization):
     assert all(abs(corr(frames[f], frames[0])) < 0.15 for f in range(T - 10, T))  # rho^30 ~ 0.04
 
 
+def test_video_generator_seed_is_the_first_two_words_of_numpys_seed_sequence():
+    for key in [(0, 0, 0), (3, 1, 7), (2**31, 5, 123456)]:
+        high, low = (int(w) for w in np.random.SeedSequence(list(key)).generate_state(2))
+        assert video_generator(*key).initial_seed() == high * 2**32 + low
+
+
+def test_stabilization_timestep_of_a_diffusion_without_respacing():
+    """A diffusion object with no timestep_map (not respaced) keeps every step: level k is timestep k - 1."""
+    import types
+
+    plain = types.SimpleNamespace(num_timesteps=100)
+    assert [stabilization_timestep(plain, k) for k in (1, 5, 100)] == [0, 4, 99]
+
+
+def test_sample_video_checks_the_settings_against_the_diffusion():
+    plan = sampling_schemes["autoreg"](video_length=6, num_obs=2, max_frames=4, step_size=2)
+    with pytest.raises(UserError, match="stabilization_level must be between 0 .* and the 100 training"):
+        sample_video(Spy(), diffusion_with(), random_videos(1, 6), 2, plan, StageSettings(stabilization_level=101))
+
+
+def test_one_video_at_a_time_wraps_each_slot_once_and_passes_other_arguments_whole():
+    made = []
+
+    def wrap(model):
+        made.append(model)
+        return lambda x, t, **kwargs: model(x, t, **kwargs)
+
+    def base(x, t, scale=None, shift=None):
+        assert x.shape[0] == 1 and scale.shape[0] == 1 and shift == 0.5  # one video; a float passed as is
+        return x * scale + t.view(-1, 1, 1, 1, 1) + shift
+
+    call = one_video_at_a_time(base, wrap)
+    x, t = torch.randn(3, 2, 1, 2, 2), torch.tensor([1.0, 2.0, 3.0])
+    scale = torch.tensor([1.0, 2.0, 3.0]).view(3, 1, 1, 1, 1)
+    for _ in range(2):
+        out = call(x, t, scale=scale, shift=0.5)
+    assert made == [base] * 3  # one wrapped callable per batch slot, reused by later calls
+    assert torch.allclose(out, x * scale + t.view(3, 1, 1, 1, 1) + 0.5)
+
+
+@pytest.mark.parametrize("u", [0.5, 2.0])
+def test_the_stage_runs_the_rows_of_its_uncertainty_scale(u):
+    """One model call per row change of the pyramid matrix with this uncertainty scale."""
+    spy = Spy()
+    settings = StageSettings(noise_schedule="pyramid", uncertainty_scale=u, sampling_steps=5, use_ddim=True)
+    sample_stage(spy, diffusion_with(respacing=""), random_videos(1, 6), [[0, 1]], [[2, 3, 4, 5]], settings)
+    rows = ns.noise_levels("pyramid", 4, 5, u)
+    assert len(spy.calls) == len(rows) - 1 != len(ns.noise_levels("pyramid", 4, 5, 1.0)) - 1
+
+
 def test_video_generator_depends_on_seed_sample_and_video_only():
     draw = [torch.randn(4, generator=video_generator(*key)) for key in [(0, 0, 3), (0, 0, 3), (1, 0, 3),
                                                                          (0, 1, 3), (0, 0, 4)]]
@@ -356,14 +406,17 @@ def test_scheme_sampling_equals_driving_the_stage_sampler_by_hand(unet):
     assert torch.equal(got, expected)
 
 
-def test_preview_rollout_is_autoreg_with_ddim_from_the_given_frames(unet):
+@pytest.mark.parametrize("n_given, seed", [(2, 3), (1, None)])
+def test_preview_rollout_is_autoreg_with_ddim_from_the_given_frames(unet, n_given, seed):
+    """Each stage fills the window: max_frames - n_given new frames; the default seed is 0."""
     diffusion = diffusion_with(respacing="3")
-    given = random_videos(1, 2)[0]
-    preview = preview_rollout(unet, diffusion, given, T=8, max_frames=4, seed=3)
+    given = random_videos(1, n_given)[0]
+    options = {} if seed is None else {"seed": seed}
+    preview = preview_rollout(unet, diffusion, given, T=8, max_frames=4, **options)
     videos = torch.zeros(1, 8, C, H, H)
-    videos[0, :2] = given
-    plan = sampling_schemes["autoreg"](video_length=8, num_obs=2, max_frames=4, step_size=2)
-    out = sample_video(unet, diffusion, videos, 2, plan, StageSettings(use_ddim=True),
-                       generators=[video_generator(3, 0, 0)])
+    videos[0, :n_given] = given
+    plan = sampling_schemes["autoreg"](video_length=8, num_obs=n_given, max_frames=4, step_size=4 - n_given)
+    out = sample_video(unet, diffusion, videos, n_given, plan, StageSettings(use_ddim=True),
+                       generators=[video_generator(seed or 0, 0, 0)])
     assert preview.dtype == torch.uint8 and preview.shape == (8, C, H, H)
     assert torch.equal(preview, ((out[0].clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8))
