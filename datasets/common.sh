@@ -161,3 +161,94 @@ download_mp4_zip() {
     fi
     echo "Done: $out"
 }
+
+# ---- TECO's releases (DMLab, Minecraft)
+# Shared by datasets/dmlab/download.sh and datasets/minecraft/download.sh (sourced after
+# ../common.sh, not run): TECO's releases are one tar split into parts, each part an item of
+# the Internet Archive, https://archive.org/download/<item prefix><part>/<file prefix><part>
+# (the items and files of TECO's scripts/download/{dmlab,minecraft}.sh and of Diffusion
+# Forcing's datasets/video/{dmlab,minecraft}_video_dataset.py). The tar holds
+# <name>/{train,test}/<dir>/<episode files>; they end up in $DATASETS_DIR/<name>/data/.
+
+# download_teco_release NAME BASE_URL ITEM_PREFIX FILE_PREFIX ESTIMATED_BYTES PART...
+# (ESTIMATED_BYTES: the whole release, for parts whose size the server does not tell)
+download_teco_release() {
+    local name="$1" base="$2" item_prefix="$3" file_prefix="$4" estimate="$5"
+    shift 5
+    local out="$DATASETS_DIR/$name/data"
+    local work="$DATASETS_DIR/$name-download"
+    if [ -f "$out/.complete" ]; then
+        echo "$out is complete; nothing to do."
+        return
+    fi
+    if [ ! -d "$out/train" ] || [ ! -d "$out/test" ]; then
+        need_downloader
+        need_command tar
+        mkdir -p "$work"
+        _teco_fetch_parts "$name" "$base" "$item_prefix" "$file_prefix" "$estimate" "$work" "$out" "$@"
+        _teco_unpack "$name" "$file_prefix" "$work" "$out" "$@"
+    fi
+    touch "$out/.complete"
+    if [ "$KEEP_SOURCES" != "1" ]; then
+        rm -rf "$work"
+        echo "Removed $work (set KEEP_SOURCES=1 to keep the parts)."
+    fi
+    echo "Done: $out"
+}
+
+# Download every part (resuming), after checking there is room for the parts and their contents.
+_teco_fetch_parts() {
+    local name="$1" base="$2" item_prefix="$3" file_prefix="$4" estimate="$5" work="$6" out="$7"
+    shift 7
+    local part size total=0 have=0 i=0
+    local -a sizes=()
+    for part in "$@"; do
+        size=""
+        if [ -f "$work/$file_prefix$part" ]; then
+            have=$((have + $(wc -c <"$work/$file_prefix$part")))
+            total=$((total + $(wc -c <"$work/$file_prefix$part")))
+        else
+            size="$(remote_size "$base/$item_prefix$part/$file_prefix$part")"
+            total=$((total + ${size:-$((estimate / $#))}))
+        fi
+        sizes+=("$size")
+    done
+    echo "Dataset:     $name (TECO's release, $# parts)"
+    echo "Source:      $base/$item_prefix<part>/$file_prefix<part>, parts $* ($(human "$total") in all)"
+    echo "Destination: $out/{train,test} (about as large again once unpacked)"
+    # The parts and the unpacked files are on disk together until unpacking ends.
+    check_space "$DATASETS_DIR" $((2 * total - have))
+    for part in "$@"; do
+        fetch "$base/$item_prefix$part/$file_prefix$part" "$work/$file_prefix$part" "${sizes[$i]}"
+        i=$((i + 1))
+    done
+}
+
+# Unpack the concatenated parts (one tar) and move its train/ and test/ folders to $out.
+_teco_unpack() {
+    local name="$1" file_prefix="$2" work="$3" out="$4"
+    shift 4
+    local part split_dir source_dir split
+    if [ ! -d "$work/extracted" ]; then
+        rm -rf "$work/extracted.part"
+        mkdir -p "$work/extracted.part"
+        echo "Unpacking the $# parts (one tar)"
+        for part in "$@"; do
+            cat "$work/$file_prefix$part"
+        done | tar -x -f - -C "$work/extracted.part" \
+            || die "could not unpack the $name parts in $work (corrupt download? delete the bad part and re-run)."
+        mv "$work/extracted.part" "$work/extracted"
+    fi
+    # The release's top folder (<name>/) holds train/ and test/; they are moved one by one, so a
+    # re-run after an interruption finds the one left.
+    split_dir="$(find "$work/extracted" -maxdepth 3 -type d \( -name train -o -name test \) -print -quit)"
+    [ -n "$split_dir" ] || die "no train/ or test/ folder found in the $name release; its layout has changed."
+    source_dir="$(dirname "$split_dir")"
+    for split in train test; do
+        [ -d "$out/$split" ] || [ -d "$source_dir/$split" ] || die "no $split/ folder found in the $name release."
+    done
+    mkdir -p "$out"
+    for split in train test; do
+        [ -d "$out/$split" ] || mv "$source_dir/$split" "$out/$split"
+    done
+}
