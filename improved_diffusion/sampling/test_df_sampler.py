@@ -207,6 +207,25 @@ def test_df_clip_denoised_reaches_both_updates(use_ddim):
         assert clipped.abs().max() <= 1 + 1e-6
 
 
+@pytest.mark.parametrize("use_ddim", [True, False])
+def test_df_clip_noise_clamps_the_networks_noise_prediction(use_ddim):
+    """With clip_noise c, a pred_noise network behaves as the same network with its output clamped to +-c."""
+    diffusion = create_diffusion(DiffusionConfig(diffusion_steps=20, noise_schedule="cosine"))
+    net, (xs, inits) = StandIn(3.0), inputs()
+
+    def clamped(*args, **kwargs):
+        return net(*args, **kwargs).clamp(-0.5, 0.5)
+
+    def run(model, clip_noise):
+        torch.manual_seed(0)
+        settings = StageSettings(noise_schedule="pyramid", use_ddim=use_ddim, stabilization="df", stabilization_level=3,
+                                 clip_denoised=False, clip_noise=clip_noise, sampling_steps=10 if use_ddim else 0)
+        return ours(model, diffusion, xs, inits, settings)
+
+    assert torch.allclose(run(net, 0.5), run(clamped, 0.5), atol=1e-5)
+    assert (run(net, 0.5) - run(net, 0.0)).abs().max() > 1e-2
+
+
 def test_df_callback_reports_each_row():
     diffusion, net = diffusion_for("pred_v"), StandIn()
     xs, inits = inputs()

@@ -87,7 +87,9 @@ def test_step_size_one_rejected_up_front(name):
 @pytest.mark.parametrize("args", [(20, 0, 10, 2), (37, 0, 10, 2), (100, 0, 10, 5), (100, 1, 10, 5),
                                   (100, 10, 10, 5), (100, 36, 10, 5)])
 def test_hierarchy5_recursion_to_step_one_fails(args):
-    with pytest.raises(PlanError, match="lowering the step size to 1"):
+    with pytest.raises(PlanError, match=r"^hierarchy-5 cannot fit frames both before and after the new frames within "
+                                        r"max_frames=\d+ even after lowering the step size to 1; use a larger "
+                                        r"max_frames, a smaller max_latent_frames or another plan\.$"):
         plan_stages("hierarchy-5", *args)
     for name in HIERARCHIES[:3]:  # the same parameters work for fewer levels
         assert plan_stages(name, *args)
@@ -134,11 +136,12 @@ def test_sliding_window():
     (("hierarchy-2", 10, 1, 3, 2), "max_frames >= 4"),
     (("autoreg", 5, 0, 8, 2), "more than T = 5"),
     (("optimal", 10, 1, 4, 2), "needs an optimal schedule file"),
-    (("autoreg", 10, 1, 4, 2, "/nonexistent/schedule.pt"), "does not exist"),
+    (("autoreg", 10, 1, 4, 2, "/nonexistent/schedule.pt"), r"^optimal schedule file \S+ does not exist\.$"),
     (("adaptive-autoreg", 10, 1, 4, 2, __file__), "cannot use an optimal schedule"),
     (("autoreg", 10.0, 1, 4, 2), "T must be an integer"),
     (("autoreg", 10, 1, 1, 2), "max_frames must be at least 2"),
-    (("autoreg", 10, 1, 4, 2, os.path.dirname(__file__)), "is not a file"),
+    (("autoreg", 10, 1, 4, 2, os.path.dirname(__file__)), r"^optimal schedule file \S+ is not a file\.$"),
+    (("hierarchy-2", 10, 0, 4, 1), "max_latent_frames >= 2"),  # n_obs = 0 alone does not cover the video
     (("autoreg", 0, 0, 4, 2), "T must be at least 1, got 0"),
     (("autoreg", 10, "1", 4, 2), "n_obs must be an integer"),
     (("autoreg", 10, 1, 4.0, 2), "max_frames must be an integer"),
@@ -216,15 +219,15 @@ def test_optimal_schedule_file_pt_and_json(tmp_path):
     assert plan_stages("autoreg", 6, 1, 4, 2, pt) == [([0], [1, 2]), ([], [3, 4]), ([], [5])]
 
 
-class NotASchedule:
-    """A pickled object: torch.load with weights_only=True must refuse to build it."""
+class NotASchedule(list):
+    """A pickled class that reads like a schedule entry: torch.load with weights_only=True must refuse it."""
 
 
 def test_optimal_schedule_errors(tmp_path, caplog):
     with pytest.raises(PlanError, match=r"^optimal schedule file \S*missing.pt does not exist\.$"):
         ss.load_optimal_schedule(tmp_path / "missing.pt")
     code = tmp_path / "code.pt"
-    torch.save({0: NotASchedule()}, code)
+    torch.save({0: NotASchedule([0])}, code)
     with pytest.raises(PlanError):
         ss.load_optimal_schedule(code)
     partial = tmp_path / "partial.pt"
@@ -309,6 +312,17 @@ def test_adaptive_plans_refuse_lpips_for_frames_that_are_not_rgb(monkeypatch, ca
                                "unavailable (LPIPS needs RGB frames, got 1 channels)."]
 
 
+def test_lpips_failing_without_a_message_is_named_by_its_type(monkeypatch, caplog):
+    def broken(**kwargs):
+        raise RuntimeError()
+
+    monkeypatch.setitem(sys.modules, "lpips", types.SimpleNamespace(LPIPS=broken))
+    scheme = sampling_schemes["adaptive-autoreg"](8, 4, 5, 2)
+    scheme.next_stage(_videos(1, 8))
+    assert caplog.messages == ["adaptive-autoreg ranks frames by 8x8 thumbnail distance because LPIPS is "
+                               "unavailable (RuntimeError)."]
+
+
 def test_embedding_name_is_known_before_the_first_stage(monkeypatch):
     monkeypatch.setitem(sys.modules, "lpips", None)
     scheme = sampling_schemes["adaptive-hierarchy-2"](video_length=20, num_obs=2, max_frames=6, step_size=3)
@@ -378,7 +392,7 @@ def test_adaptive_autoreg_picks_most_different_frames():
     assert obs == [[5, 4, 1]] and latent == [[6, 7, 8]]
 
 
-def test_adaptive_uses_lpips_when_available(monkeypatch):
+def test_adaptive_uses_lpips_when_available(monkeypatch, caplog):
     """With an importable lpips, the embedding is built from its network as FDM's LpipsEmbedder."""
 
     class Lin(torch.nn.Module):
@@ -400,8 +414,10 @@ def test_adaptive_uses_lpips_when_available(monkeypatch):
     monkeypatch.setitem(sys.modules, "lpips", fake)
     scheme = sampling_schemes["adaptive-hierarchy-2"](video_length=12, num_obs=2, max_frames=6, step_size=3)
     scheme.set_videos(_videos(1, 12))
-    next(scheme)
+    with caplog.at_level("INFO", logger=ss.__name__):
+        next(scheme)
     assert scheme.embedding_name == "lpips-alex"
+    assert caplog.messages[-1] == "adaptive-hierarchy-2 ranks frames by LPIPS (AlexNet) distance."
     x = torch.ones(1, 3, 2, 2)  # sqrt(weight 4) * 1 / sqrt(H*W = 4) = 1 per entry
     assert torch.allclose(scheme._embedder(x), torch.ones(1, 12))
 

@@ -151,6 +151,11 @@ def test_padding_fills_the_window_with_random_frames_of_the_pad_videos():
     assert torch.equal(value[~chosen], -idx[~chosen] - 1)  # padding slots: the pad video's frame at that index
     pad_idx = ex["frame_indices"][~chosen]
     assert set(pad_idx.tolist()) == set(range(12))  # uniform over the whole video, first and last frame included
+    assert any(len(set(ex["frame_indices"][b][~chosen[b]].tolist())) > 1 for b in range(B))  # one draw per slot
+    # Padding fills the window even when no example of the batch chose max_frames frames.
+    for seed in range(20):
+        small = training_example(videos[:2], pad_videos[:2], 8, "fdm", 1000, np.random.default_rng(seed))
+        assert small["x"].shape[1] == 8
     # Without pad videos, the batch is only as long as its longest example.
     lengths = []
     for seed in range(20):
