@@ -7,7 +7,8 @@
 Each scheme samples test videos 0..n_videos-1 into <out_dir>/<scheme>/ (existing samples are kept, so
 an interrupted comparison resumes), is scored as by video_eval.py, and <out_dir>/report.md and
 report.html show a table of metrics, wall time and network evaluations per scheme, metric-vs-frame
-plots, plan pictures and frame strips (improved_diffusion.evaluation.compare.compare_schemes). Every
+plots (on bouncing_balls and cue_recall also the on-manifold curve, with the last-quarter on-manifold
+fraction and the median time to drift in the table), plan pictures and frame strips (improved_diffusion.evaluation.compare.compare_schemes). Every
 scheme gets the same n_obs (default max_frames - max_latent_frames), so all are conditioned on the
 same frames. --precision, --compile, --batch_invariant and --kv_cache are video_sample.py's.
 """

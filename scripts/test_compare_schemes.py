@@ -76,11 +76,12 @@ def test_report_has_a_row_and_pictures_per_scheme(compared):
         assert row.count(" | ") == header.count(" | ")
         assert f"<td>{scheme}</td>" in html
         assert f"## Scheme {scheme}" in md and f"<h2>Scheme {scheme}</h2>" in html
-    for column in ("psnr", "ssim", "sampling s", "NFE / video"):
+    for column in ("psnr", "ssim", "on_manifold_last_quarter", "time_to_drift", "sampling s", "NFE / video"):
         assert f" {column} |" in header
     images = re.findall(r"!\[[^]]*\]\(([^)]+)\)", md)
     assert sorted(images) == sorted(re.findall(r'<img src="([^"]+)"', html))
-    expected = {"plots/psnr.png", "plots/ssim.png"} | {f"{s}/{f}.png" for s in SCHEMES for f in ("plan", "strip")}
+    expected = {"plots/psnr.png", "plots/ssim.png", "plots/on_manifold.png"} | {
+        f"{s}/{f}.png" for s in SCHEMES for f in ("plan", "strip")}
     assert expected <= set(images)
     for image in images:
         with Image.open(compared / image) as png:

@@ -11,6 +11,7 @@ import dataclasses
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -52,6 +53,17 @@ def files(tmp_path_factory):
     (d / "schedule.json").write_text("{not json")
     (d / "list.json").write_text("[1, 2]")
     (d / "df_config.json").write_text('{"diffusion": {"timesteps": 100, "architecture": {}}}')
+    # Conditional checkpoints (the weights are never loaded: every case fails before) and actions files.
+    for name, dataset, conditioning in (("cond.pt", "bouncing_balls_actions", dict(cond_dim=5)),
+                                        ("cond_null.pt", "bouncing_balls_actions", dict(cond_dim=5, cond_drop_prob=0.1)),
+                                        ("cond_no_actions.pt", "bouncing_balls", dict(cond_dim=5)),
+                                        ("label.pt", "bouncing_balls", dict(num_classes=3, cond_drop_prob=0.1))):
+        torch.save({"config": {**config, **conditioning, "dataset": dataset}, "state_dict": {}, "step": 0}, d / name)
+    np.save(d / "good.npy", np.zeros(T, dtype=np.int64))
+    np.save(d / "short.npy", np.zeros(T - 1, dtype=np.int64))
+    np.save(d / "wide.npy", np.zeros((T, 3), dtype=np.float32))
+    np.save(d / "big.npy", np.full(T, 5, dtype=np.int64))
+    np.save(d / "nan.npy", np.full((T, 5), np.nan, dtype=np.float32))
     return d
 
 
@@ -151,9 +163,44 @@ VIDEO_SAMPLE_FLAGS = [
     (["--optimality", FILE + "schedule.json"], "schedule.json"),
     (["--sampling_scheme", "adaptive-autoreg", "--optimality", FILE + "noise.pt"], "adaptive-autoreg"),
     (["--just_visualise", "--sampling_scheme", "adaptive-autoreg"], "adaptive-autoreg"),
+    # Conditions given to this unconditional checkpoint (conditional ones: CONDITIONAL_CASES).
+    (["--guidance_scale", "3"], "--guidance_scale 3"),
+    (["--guidance_scale", "-1"], "guidance_scale"),
+    (["--guidance_scale", "nan"], "guidance_scale"),
+    (["--actions", FILE + "good.npy"], "--actions"),
+    (["--label", "1"], "--label 1"),
+    (["--uncond", "maybe"], "--uncond"),
 ]
 if not torch.cuda.is_available():
     VIDEO_SAMPLE_FLAGS.append((["--device", "cuda"], "--device"))
+
+# (checkpoint, flags, text of the one line): conditional checkpoints given the wrong conditions.
+CONDITIONAL_CASES = [
+    ("cond.pt", ["--guidance_scale", "3"], "--guidance_scale 3"),  # trained without --cond_drop_prob
+    ("cond.pt", ["--uncond", "True"], "--uncond True"),
+    ("cond_null.pt", ["--uncond", "True", "--guidance_scale", "2"], "--uncond True"),
+    ("cond_null.pt", ["--uncond", "True", "--actions", FILE + "good.npy"], "--uncond True"),
+    ("cond_no_actions.pt", [], "--actions"),  # its dataset has no actions
+    ("cond.pt", ["--dataset", "bouncing_balls"], "--actions"),
+    ("cond.pt", ["--actions", FILE + "short.npy"], "short.npy"),  # fewer actions than --T frames
+    ("cond.pt", ["--actions", FILE + "wide.npy"], "wide.npy"),  # 3 values per frame, cond_dim 5
+    ("cond.pt", ["--actions", FILE + "big.npy"], "big.npy"),  # action 5 of 5 (0..4)
+    ("cond.pt", ["--actions", FILE + "nan.npy"], "nan.npy"),
+    ("cond.pt", ["--actions", FILE + "missing.npy"], "missing.npy"),
+    ("cond.pt", ["--actions", FILE + "a_file"], "a_file"),
+    ("cond.pt", ["--label", "0"], "--label 0"),  # no labels in this model
+    ("label.pt", [], "--label"),  # a label model needs a label (the datasets have none)
+    ("label.pt", ["--label", "3"], "--label 3"),
+    ("label.pt", ["--label", "-2"], "--label -2"),
+    ("label.pt", ["--actions", FILE + "good.npy"], "--actions"),
+]
+
+
+@pytest.mark.parametrize("checkpoint, argv, named", CONDITIONAL_CASES,
+                         ids=[f"{c} {' '.join(a)}" for c, a, _ in CONDITIONAL_CASES])
+def test_conditional_checkpoints_refuse_wrong_conditions(capsys, files, checkpoint, argv, named):
+    check(capsys, video_sample, [files / checkpoint, "--n_obs", "-1", *argv], named, files)
+
 
 BAD_CHECKPOINTS = ["missing.pt", "empty.pt", "folder.pt", "truncated.pt", "noise.pt", "opt000000.pt",
                    "no_config.pt", "unreadable.pt"]

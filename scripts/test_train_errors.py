@@ -65,7 +65,17 @@ BAD = [
     (["--channel_mult", "x"], "--channel_mult"),
     (["--dropout", "1.0"], "--dropout"),
     (["--dropout", "-0.1"], "--dropout"),
-    (["--class_cond", "True"], "--class_cond"),
+    (["--class_cond", "True"], "--class_cond"),  # the datasets have no class labels
+    (["--num_classes", "4"], "--num_classes 4"),
+    (["--num_classes", "-1"], "--num_classes"),
+    (["--cond_dim", "-2"], "--cond_dim"),
+    (["--cond_dim", "-1"], "--cond_dim -1"),  # bouncing_balls has no actions
+    (["--cond_dim", "5"], "--cond_dim 5"),
+    (["--dataset", "bouncing_balls_actions", "--cond_dim", "3"], "--cond_dim 3"),  # its actions are 5 wide
+    (["--dataset", "bouncing_balls_actions", "--cond_dim", "-1", "--cond_drop_prob", "1"], "--cond_drop_prob"),
+    (["--cond_drop_prob", "0.1"], "--cond_drop_prob"),  # nothing to drop
+    (["--frame_skip", "0"], "--frame_skip"),
+    (["--frame_skip", "2"], "frame_skip 2"),  # only dmlab and minecraft are subsampled
     (["--use_rpe_net", "False"], "--use_rpe_net"),
     (["--lr", "0"], "--lr"),
     (["--lr", "-1e-4"], "--lr"),

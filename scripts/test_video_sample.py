@@ -364,3 +364,68 @@ def test_a_df_checkpoint_samples_with_dfs_sampler_and_any_plan(capsys, tmp_path)
     config = json.loads((tmp_path / "h2" / "sampling_config.json").read_text())
     assert (config["plan"], config["stabilization"], config["sampling_steps"]) == ("hierarchy-2", "df", 2)
     assert np.load(tmp_path / "h2" / "samples" / "sample_0000-0.npy").shape == (6, 3, 32, 32)
+
+
+@pytest.fixture(scope="module")
+def conditional_checkpoint(tmp_path_factory):
+    """A tiny random model conditioned on bouncing_balls_actions' 5 one-hot actions, with null conditions."""
+    model_cfg = ModelConfig(image_size=SIZE, num_channels=32, channel_mult="1,2", attention_resolutions="8",
+                            cond_dim=5, cond_drop_prob=0.1)
+    torch.manual_seed(0)
+    model = create_model(model_cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    config = {**dataclasses.asdict(model_cfg), **dataclasses.asdict(DiffusionConfig(diffusion_steps=100)),
+              "dataset": "bouncing_balls_actions", "T": T, "max_frames": K, "wandb_id": "cond"}
+    path = tmp_path_factory.mktemp("cond_run") / "ema_0.9999_000000.pt"
+    torch.save({"config": config, "state_dict": model.state_dict(), "step": 0}, path)
+    return str(path)
+
+
+def test_a_conditional_checkpoint_samples_with_each_source_of_actions(capsys, tmp_path, conditional_checkpoint,
+                                                                     monkeypatch):
+    """The test videos' own actions by default, --actions for every video, --uncond; each source and guidance
+    scale has its own folder and is recorded; a folder is never resumed with other conditions."""
+    from improved_diffusion.data.datasets import test_actions
+
+    monkeypatch.chdir(tmp_path)
+    seen = {}
+    real = sampling_run.sample_with_scheme
+
+    def spy(model, diffusion, scheme, videos, generators=None, progress=False, conditions=None):
+        seen.setdefault(scheme.stage.guidance_scale, []).append(conditions)
+        return real(model, diffusion, scheme, videos, generators, progress, conditions=conditions)
+
+    monkeypatch.setattr(sampling_run, "sample_with_scheme", spy)
+    other = test_actions("bouncing_balls_actions", 7, T=T, image_size=SIZE).numpy()
+    np.save(tmp_path / "other.npy", other.argmax(axis=1))  # as integers: made one-hot again
+    common = ["--timestep_respacing", "2", "--use_ddim", "True", "--stop_index", 2]
+    folders = {}
+    for key, argv in (("own", []), ("cfg", ["--guidance_scale", "3"]), ("file", ["--actions", tmp_path / "other.npy"]),
+                      ("null", ["--uncond", "True"])):
+        code, out, err = run(capsys, conditional_checkpoint, *common, *argv)
+        assert code == 0, err
+        folders[key] = Path(out.strip())
+    assert len(set(folders.values())) == 4 and all(f.parent.name == "ema_0.9999_000000" for f in folders.values())
+    assert folders["cfg"].name.endswith("_cfg3_2") and folders["file"].name.endswith("_actions-other")
+    assert folders["null"].name.endswith("_uncond") and folders["own"].name == "autoreg_K6_S3_obs3_T12_ddim_2"
+    configs = {k: json.loads((f / "sampling_config.json").read_text()) for k, f in folders.items()}
+    assert [configs[k]["conditions"] for k in ("own", "cfg", "null")] == ["dataset actions", "dataset actions", "null"]
+    assert configs["file"]["conditions"] == f"actions from {tmp_path / 'other.npy'}"
+    assert (configs["cfg"]["guidance_scale"], configs["own"]["guidance_scale"]) == (3.0, 1.0)
+
+    own, guided_own = seen[1.0][0], seen[3.0][0]
+    for conditions in (own, guided_own):
+        for b, i in enumerate([0, 1]):  # each video its own actions, over all T frames
+            assert torch.equal(conditions.actions[b], test_actions("bouncing_balls_actions", i, T=T, image_size=SIZE))
+    from_file = seen[1.0][1]
+    assert all(torch.equal(a, torch.from_numpy(other)) for a in from_file.actions)
+    assert seen[1.0][2].null
+    samples = {k: np.load(f / "samples" / "sample_0000-0.npy") for k, f in folders.items()}
+    assert not np.array_equal(samples["own"], samples["file"]) and not np.array_equal(samples["own"], samples["cfg"])
+
+    code, _, err = run(capsys, conditional_checkpoint, *common, "--eval_dir", folders["own"], "--guidance_scale", "3")
+    assert code == 2 and "--guidance_scale 1.0, not 3.0" in err
+    code, _, err = run(capsys, conditional_checkpoint, *common, "--eval_dir", folders["own"], "--uncond", "True")
+    assert code == 2 and "conditions 'dataset actions', not 'null'" in err

@@ -2,6 +2,7 @@
 
     python scripts/video_eval.py --eval_dir results/<run>/<checkpoint>/<scheme>
     python scripts/video_eval.py --eval_dir DIR --metrics psnr,ssim,fvd --i3d_path i3d_torchscript.pt
+    python scripts/video_eval.py --eval_dir DIR --metrics on_manifold     # bouncing_balls, cue_recall
     python scripts/video_eval.py --eval_dir DIR --metrics wd,po \
         --carla_classifier checkpoints/carla-regressor/classifier_checkpoint.pth \
         --carla_regressor checkpoints/carla-regressor/regressor_checkpoint.pth
@@ -11,7 +12,9 @@ sample with the first T frames of the same test video, and writes DIR/metrics.js
 overall means over the generated frames, skipped metrics and why) and DIR/<metric>_per_frame.png.
 Default metrics: PSNR, SSIM and LPIPS (if the `lpips` package is installed), FVD when --i3d_path is
 given, WD and PO (FDM's CARLA metrics) when the CARLA networks are given, cue recall on the
-cue_recall dataset. Problems end with one sentence and exit code 2.
+cue_recall dataset, and on_manifold on bouncing_balls and cue_recall: per frame the fraction of videos
+whose frame is still a valid frame of the dataset (judged from pixels), the fraction over the last
+quarter of the frames and the median time to drift. Problems end with one sentence and exit code 2.
 """
 
 import argparse

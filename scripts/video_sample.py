@@ -13,6 +13,17 @@ that already exist; `mpiexec -n N` splits the videos across ranks. Model calls c
 `--batch_invariant True` calls the model per video instead (slower), so the files are byte-identical
 for any batch size and number of ranks. `--precision bf16|fp16` runs the network in 16 bits and
 `--compile True` compiles it.
+
+A conditional checkpoint (trained with --cond_dim / --num_classes) is driven by each test video's
+own actions by default; `--actions FILE.npy` (T x D values, or T integers taken as one-hot actions;
+its first --T rows) drives every video with the same actions instead, `--label L` gives every video
+class L, and `--uncond True` samples with the learned null condition. `--guidance_scale w`
+(classifier-free guidance; 1 = off) needs a model trained with --cond_drop_prob > 0. These settings
+name the results folder (_cfg<w>, _actions-<file>, _uncond, _label<L>) and sampling_config.json.
+
+    python scripts/video_sample.py <checkpoint> --sampling_scheme autoreg --T 32 --n_obs 4 --guidance_scale 3
+    python scripts/video_sample.py <checkpoint> --T 32 --n_obs 4 --actions other_video_actions.npy
+
 Impossible settings end with one sentence and exit code 2 before the model is loaded.
 """
 
@@ -71,6 +82,15 @@ def create_argparser():
                    help="clip x0 predictions to [-1, 1] (default True; False for df-* presets and DF checkpoints)")
     p.add_argument("--df_config", default=None,
                    help="DF's config (JSON) of a Diffusion Forcing checkpoint: its network and sampler settings")
+    p.add_argument("--guidance_scale", type=float, default=1.0,
+                   help="classifier-free guidance scale w: uncond + w (cond - uncond) on the network's output "
+                        "(1: off; needs a model trained with --cond_drop_prob > 0)")
+    p.add_argument("--actions", default=None,
+                   help="a .npy file of actions driving every video: T x D values or T integers (one-hot), at least "
+                        "--T of them (default: each test video's own actions)")
+    p.add_argument("--label", type=int, default=None, help="class label of every video (a label-conditioned model)")
+    p.add_argument("--uncond", type=cli.str2bool, default=False,
+                   help="sample with the model's null condition (needs --cond_drop_prob > 0 in training)")
     p.add_argument("--dataset", default=None, help="dataset of the given frames (default: the checkpoint's)")
     p.add_argument("--eval_dir", default=None)
     p.add_argument("--device", default=None)

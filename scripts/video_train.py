@@ -32,6 +32,20 @@ experiment/exp_video.yaml) is, for 64-pixel clips of 16 frames:
 DF decays the running SNR per frame of the original video: on a dataset subsampled every
 s frames it uses 0.96**s (DMLab and Minecraft: s = 2, --cum_snr_decay 0.9216).
 
+Conditioning on actions (datasets with actions: bouncing_balls_actions, dmlab, minecraft, folders with
+<name>.actions.npy files): --cond_dim -1 conditions every frame on the dataset's action of that frame
+(--cond_dim D checks that D is their width; the default 0 trains an unconditional model, with a
+note when the dataset has actions). --cond_drop_prob p replaces a video's conditions by learned null
+ones with probability p, which classifier-free guidance (video_sample.py --guidance_scale) needs.
+--num_classes / --class_cond True condition on class labels, which no dataset delivers yet (they
+are refused here; the model and TrainLoop take labels from Python). --frame_skip k keeps every k-th
+frame of dmlab / minecraft episodes, as Diffusion Forcing does. For example:
+
+    python scripts/video_train.py --dataset bouncing_balls_actions --image_size 16 --max_frames 8 \
+        --num_channels 32 --num_res_blocks 1 --channel_mult 1,2,2 --attention_resolutions 8 --predict_v True \
+        --noise_schedule cosine --T 8 --pad_with_random_frames False --batch_size 8 --lr 1e-3 \
+        --ema_rate 0.995 --noise_mode mixed --cond_dim -1 --cond_drop_prob 0.1 --max_steps 2700
+
 --precision bf16 (or fp16, with dynamic loss scaling; FDM's --use_fp16 True means fp16) runs the
 network's forward in 16 bits under autocast; weights, optimizer state, EMAs and checkpoints stay
 float32. --compile True trains through torch.compile (the first steps take minutes to compile).

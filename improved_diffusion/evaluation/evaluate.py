@@ -6,8 +6,10 @@ the dataset named in the config, so each sample is compared with that video's fi
 
 Per-frame metrics (PSNR, SSIM, LPIPS) are averaged over samples for every frame index. Their
 overall value is the mean over the *generated* frames (n_obs..T-1) only: the observed frames are
-copies of the ground truth (infinite PSNR) and would say nothing about the sampler. Video metrics
-(FVD, cue recall) use whole videos; WD and PO (CARLA, see carla_coords.py) use the
+copies of the ground truth (infinite PSNR) and would say nothing about the sampler. The on-manifold
+metric (bouncing_balls and cue_recall, on_manifold.py) gives the fraction of videos whose frame is
+still a valid frame of the dataset per frame index, and overall the fraction over the last quarter of
+the frames and the median time to drift. Video metrics (FVD, cue recall) use whole videos; WD and PO (CARLA, see carla_coords.py) use the
 regressed positions of whole videos. `evaluate_eval_dir` writes everything to `metrics.json`
 (non-finite numbers as JSON's Infinity / NaN, which Python's json reads back) and one PNG per
 per-frame metric.
@@ -25,17 +27,20 @@ from ..data.datasets import dataset_folder
 from ..errors import ConfigError, EvalError
 from ..results import read_sampling_config, write_json_atomic
 from . import carla_coords
+from . import on_manifold as manifold
 from .ground_truth import GroundTruth
 from .metrics import MetricUnavailable, fvd, load_i3d, load_lpips, lpips_distance, psnr, ssim
 from .plots import plot_per_frame
 from ..results import find_samples, read_sample
 
-METRICS = ("psnr", "ssim", "lpips", "fvd", "cue_recall", "wd", "po")
-PER_FRAME_METRICS = ("psnr", "ssim", "lpips")
+METRICS = ("psnr", "ssim", "lpips", "fvd", "cue_recall", "on_manifold", "wd", "po")
+PER_FRAME_METRICS = ("psnr", "ssim", "lpips")  # on_manifold is per frame too, but of its own kind
 CARLA_METRICS = ("wd", "po")  # need the CARLA classifier and regressor (carla_coords.py)
 CARLA_DATASET = "carla_no_traffic"
 HIGHER_IS_BETTER = {"psnr": True, "ssim": True, "lpips": False, "fvd": False, "cue_recall": True, "wd": False,
-                    "po": False}
+                    "po": False, "on_manifold": True, "on_manifold_last_quarter": True, "time_to_drift": True}
+ON_MANIFOLD_ONLY = ("on_manifold applies to the {} datasets, whose generators define valid frames, "
+                    "not to {!r}; leave it out of --metrics.")
 FVD_NEEDS_I3D = "FVD needs the I3D network: pass --i3d_path i3d_torchscript.pt (from StyleGAN-V)."
 CARLA_NEEDS_MODELS = ("WD and PO need the CARLA coordinate networks: pass --carla_classifier PATH and "
                       "--carla_regressor PATH (FDM's classifier_checkpoint.pth and regressor_checkpoint.pth).")
@@ -91,7 +96,8 @@ def parse_metrics(text, dataset, have_i3d=False, have_carla=False):
     """The metrics to compute: `text` ("psnr,ssim,...") or, if empty, every one that applies.
 
     By default that is PSNR, SSIM and LPIPS, FVD when an I3D file is given, WD and PO when the
-    CARLA networks are given, and cue recall on the cue_recall dataset.
+    CARLA networks are given, cue recall on the cue_recall dataset, and the on-manifold metric on
+    bouncing_balls and cue_recall (asked for on another dataset, it is an error).
     """
     if text:
         names = [m.strip().lower() for m in str(text).split(",") if m.strip()]
@@ -102,12 +108,16 @@ def parse_metrics(text, dataset, have_i3d=False, have_carla=False):
             raise EvalError(FVD_NEEDS_I3D)
         if any(m in CARLA_METRICS for m in names) and not have_carla:
             raise EvalError(CARLA_NEEDS_MODELS)
+        if "on_manifold" in names and dataset not in manifold.DATASETS:
+            raise EvalError(ON_MANIFOLD_ONLY.format(" and ".join(manifold.DATASETS), dataset))
         return list(dict.fromkeys(names))
     names = ["psnr", "ssim", "lpips"]
     if have_i3d:
         names.append("fvd")
     if dataset == "cue_recall":
         names.append("cue_recall")
+    if dataset in manifold.DATASETS:
+        names.append("on_manifold")
     if have_carla:
         names.extend(CARLA_METRICS)
     return names
@@ -190,6 +200,14 @@ def compute_metrics(samples, truth, n_obs, metrics, dataset=None, i3d_path=None,
                                                        recall_when_shown=scores["recall_when_shown"],
                                                        matches=scores["matches"],
                                                        ground_truth_recall=cue.cue_recall(truth)["recall"])
+            elif name == "on_manifold":
+                if dataset not in manifold.DATASETS:
+                    raise EvalError(ON_MANIFOLD_ONLY.format(" and ".join(manifold.DATASETS), dataset))
+                scores = manifold.on_manifold(frames, dataset, truth, min(n_obs, t))
+                result["per_frame"]["on_manifold"] = scores.pop("per_frame")
+                result["overall"]["on_manifold_last_quarter"] = scores["last_quarter_fraction"]
+                result["overall"]["time_to_drift"] = scores["median_time_to_drift"]
+                result["details"]["on_manifold"] = scores
             elif name in CARLA_METRICS:
                 if carla is None:
                     raise EvalError(CARLA_NEEDS_MODELS)

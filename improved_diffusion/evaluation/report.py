@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from .. import dist_util
 from .evaluate import (
-    HIGHER_IS_BETTER, PER_FRAME_METRICS, evaluate, format_value, load_detector,
+    HIGHER_IS_BETTER, evaluate, format_value, load_detector,
     write_metrics,
 )
 from .metrics import MetricUnavailable, load_lpips
@@ -281,6 +281,13 @@ def build_report(out_dir, schemes, results, runs, settings):
                   format_value(run.get("nfe_per_video"))]
         rows.append(cells)
     blocks.append(("table", header, rows))
+    if "time_to_drift" in metric_names:
+        frames = next(results[s]["details"]["on_manifold"]["last_quarter_frames"] for s in schemes
+                      if "on_manifold" in results[s]["details"])
+        blocks.append(("p", f"on_manifold_last_quarter: the fraction of frames {frames[0]}..{frames[1]} (the last "
+                            "quarter) that are valid frames of the dataset, judged from pixels (on_manifold.py). "
+                            "time_to_drift: the median over videos of the first generated frame that is not; a "
+                            "video that never leaves counts as its length (censored)."))
     blocks.append(("p", "sampling s: wall time of the sampling runs that produced the samples (model loading "
                         "included; with several MPI ranks, of all ranks together), accumulated over resumed runs; "
                         "s / video divides it by the videos those runs sampled. NFE / video: network evaluations "
@@ -294,10 +301,12 @@ def build_report(out_dir, schemes, results, runs, settings):
 
     plot_dir = os.path.join(out_dir, "plots")
     os.makedirs(plot_dir, exist_ok=True)
-    per_frame = [m for m in metric_names if m in PER_FRAME_METRICS]
+    per_frame = list(dict.fromkeys(m for s in schemes for m in results[s]["per_frame"]))
     if per_frame:
         blocks.append(("h2", "Metrics per frame"))
-        blocks.append(("p", "Mean over videos of each frame's value; shaded: the observed frames."))
+        blocks.append(("p", "Mean over videos of each frame's value; shaded: the observed frames."
+                       + (" on_manifold: the fraction of videos whose frame is still a valid frame of the dataset."
+                          if "on_manifold" in per_frame else "")))
     for m in per_frame:
         path = os.path.join(plot_dir, f"{m}.png")
         series = {s: results[s]["per_frame"][m] for s in schemes if m in results[s]["per_frame"]}

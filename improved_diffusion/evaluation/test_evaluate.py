@@ -19,6 +19,7 @@ from improved_diffusion.evaluation.metrics import MetricUnavailable
 from improved_diffusion.data.datasets import get_dataset
 from improved_diffusion.data.pixels import to_uint8
 from improved_diffusion import cli
+from improved_diffusion.errors import EvalError
 
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "video_eval.py"
 T, N_OBS, SIZE, SEED = 6, 2, 16, 3
@@ -105,12 +106,13 @@ def test_metrics_json_layout_and_plots(tmp_path):
     evaluation.evaluate_eval_dir(eval_dir)
     saved = json.loads((eval_dir / "metrics.json").read_text())  # Infinity reads back as float("inf")
     assert saved["n_videos"] == 2 and saved["samples"] == ["sample_0000-0.npy", "sample_0001-0.npy"]
-    assert saved["metrics"] == ["psnr", "ssim", "lpips"]
-    assert set(saved["per_frame"]) == {"psnr", "ssim"} and all(len(v) == T for v in saved["per_frame"].values())
-    assert set(saved["overall"]) == {"psnr", "ssim"}
+    assert saved["metrics"] == ["psnr", "ssim", "lpips", "on_manifold"]
+    assert set(saved["per_frame"]) == {"psnr", "ssim", "on_manifold"}
+    assert all(len(v) == T for v in saved["per_frame"].values())
+    assert set(saved["overall"]) == {"psnr", "ssim", "on_manifold_last_quarter", "time_to_drift"}
     assert "lpips" in saved["skipped"] and "not installed" in saved["skipped"]["lpips"]
     assert saved["n_obs"] == N_OBS and saved["T"] == T and saved["dataset"] == "bouncing_balls"
-    for name in ("psnr", "ssim"):
+    for name in ("psnr", "ssim", "on_manifold"):
         png = eval_dir / saved["plots"][name]
         with Image.open(png) as image:
             image.verify()
@@ -149,10 +151,53 @@ def test_cue_recall_applies_to_its_dataset_only(tmp_path):
     assert length > CUE_RETURN
     samples = [ground_truth(i, "cue_recall", length, seed=0) for i in range(2)]
     result = evaluation.evaluate(make_eval_dir(tmp_path / "cue", samples, "cue_recall", data_seed=0))
-    assert result["metrics"] == ["psnr", "ssim", "lpips", "cue_recall"]
+    assert result["metrics"] == ["psnr", "ssim", "lpips", "cue_recall", "on_manifold"]
     assert result["overall"]["cue_recall"] == 1.0 and result["details"]["cue_recall"]["chance"] == 0.25
     result = evaluation.evaluate(make_eval_dir(tmp_path / "bb", [ground_truth(0)]), metrics="psnr,cue_recall")
     assert "cue_recall" not in result["overall"] and "cue_recall dataset" in result["skipped"]["cue_recall"]
+
+
+def noise_frames(shape, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, shape, dtype=np.uint8)
+
+
+@pytest.mark.parametrize("dataset", ["bouncing_balls", "cue_recall"])
+def test_on_manifold_of_ground_truth_and_of_noise(tmp_path, capsys, dataset):
+    """Ground truth as samples never drifts; noise from frame 2 (video 0) and 4 (video 1) drifts there."""
+    length = 16 if dataset == "cue_recall" else T  # cue_recall videos are longer than CUE_RETURN
+    truth = [ground_truth(i, dataset, length, seed=0) for i in range(2)]
+    gt_dir = make_eval_dir(tmp_path / "gt", truth, dataset, data_seed=0)
+    code, out, err = run_cli(capsys, "--eval_dir", gt_dir, "--metrics", "on_manifold")
+    assert code == 0 and "on_manifold_last_quarter: 1\n" in out and f"time_to_drift: {length}\n" in out, err
+    result = evaluation.evaluate(gt_dir, metrics="on_manifold")
+    assert result["per_frame"]["on_manifold"] == [1.0] * length
+    assert result["overall"] == {"on_manifold_last_quarter": 1.0, "time_to_drift": length}
+    details = result["details"]["on_manifold"]
+    assert details["time_to_drift"] == [length, length] and details["censored"] == [True, True]
+    assert details["last_quarter_frames"] == [length - max(1, length // 4), length - 1]
+
+    noisy = [t.copy() for t in truth]
+    noisy[0][2:] = noise_frames(noisy[0][2:].shape)
+    noisy[1][4:] = noise_frames(noisy[1][4:].shape, 1)
+    eval_dir = make_eval_dir(tmp_path / "noise", noisy, dataset, data_seed=0)
+    result = evaluation.evaluate_eval_dir(eval_dir, metrics="on_manifold,psnr")
+    assert result["per_frame"]["on_manifold"] == [1.0, 1.0, 0.5, 0.5] + [0.0] * (length - 4)
+    assert result["overall"]["on_manifold_last_quarter"] == 0.0 and result["overall"]["time_to_drift"] == 3.0
+    details = result["details"]["on_manifold"]
+    assert details["time_to_drift"] == [2, 4] and details["censored"] == [False, False]
+    assert details["off_reasons"] == {"background": 2 * length - 6}  # noise leaves no black background
+    assert len(details["blob_count"]) == len(details["background_error"]) == length
+    assert details["background_error"][0] == 0 and details["background_error"][-1] > 50
+    saved = json.loads((eval_dir / "metrics.json").read_text())
+    assert saved["details"]["on_manifold"]["time_to_drift"] == [2, 4]
+    with Image.open(eval_dir / saved["plots"]["on_manifold"]) as image:
+        assert image.format == "PNG"
+
+
+def test_on_manifold_on_another_dataset_is_refused_before_reading_samples(tmp_path):
+    assert "on_manifold" not in evaluation.parse_metrics("", "carla_no_traffic")
+    with pytest.raises(EvalError, match="on_manifold applies to the bouncing_balls and cue_recall datasets"):
+        evaluation.parse_metrics("psnr,on_manifold", "minerl")
 
 
 class TinyI3D(torch.nn.Module):
@@ -188,6 +233,7 @@ def test_fvd_with_a_stand_in_detector(tmp_path, capsys):
     ("fvd_without_i3d", "FVD needs the I3D network"),
     ("unreadable_i3d", "Could not load an I3D TorchScript model"),
     ("unknown_metric", "Unknown metric 'fid'"),
+    ("on_manifold_elsewhere", "on_manifold applies to the bouncing_balls and cue_recall datasets"),
 ])
 def test_errors_exit_2_with_one_sentence(tmp_path, capsys, case, message):
     argv = []
@@ -201,8 +247,8 @@ def test_errors_exit_2_with_one_sentence(tmp_path, capsys, case, message):
             samples = [s[:, :, :8, :8].copy() for s in samples]
         if case == "mixed_sample_shapes":
             samples[1] = samples[1][:4].copy()
-        eval_dir = make_eval_dir(tmp_path / "e", samples, dataset="no/such/folder" if case == "missing_dataset"
-                                 else "bouncing_balls")
+        eval_dir = make_eval_dir(tmp_path / "e", samples, dataset="no/such/folder" if case in (
+            "missing_dataset", "on_manifold_elsewhere") else "bouncing_balls")
         if case == "empty_samples_dir":
             for f in (eval_dir / "samples").iterdir():
                 f.unlink()
@@ -217,6 +263,8 @@ def test_errors_exit_2_with_one_sentence(tmp_path, capsys, case, message):
             argv = ["--metrics", "fvd", "--i3d_path", tmp_path / "i3d.pt"]
         if case == "unknown_metric":
             argv = ["--metrics", "psnr,fid"]
+        if case == "on_manifold_elsewhere":
+            argv = ["--metrics", "psnr,on_manifold"]
     code, _, err = run_cli(capsys, "--eval_dir", eval_dir, *argv)
     assert code == 2 and message in err and err.count("\n") == 1 and "Traceback" not in err, err
     assert err.startswith("video_eval.py: error: ")

@@ -158,3 +158,33 @@ def test_markdown_and_html_hold_the_same_content():
     assert "<h1>Schemes &lt;on&gt; ckpt</h1>" in html and "<td><b>21.5</b></td>" in html
     assert '<img src="plots/psnr.png" alt="psnr per frame">' in html
     assert html.count("<tr>") == 3 and md.count("\n| ") == 3
+
+
+def test_report_shows_the_on_manifold_curve_and_columns(tmp_path):
+    """Ground truth as one scheme's samples, noise from frame 4 as the other's: the table has the last-
+    quarter fraction and median time to drift (best in bold), and the on-manifold curve is plotted."""
+    from improved_diffusion.data.bouncing_balls import make_video
+
+    T = 8
+    truth = [make_video("test", i, T=T, image_size=16).transpose(0, 3, 1, 2) for i in range(2)]
+    noise = np.random.default_rng(0).integers(0, 256, (T - 4, 3, 16, 16), dtype=np.uint8)
+    for name, samples in (("autoreg", truth), ("df-pyramid", [np.concatenate([t[:4], noise]) for t in truth])):
+        scheme = Scheme.from_preset(name, T=T, n_obs=2, max_frames=4)
+        eval_dir = tmp_path / name
+        (eval_dir / "samples").mkdir(parents=True)
+        (eval_dir / "sampling_config.json").write_text(json.dumps(
+            {"dataset": "bouncing_balls", "image_size": 16, "data_seed": 0, **scheme.to_dict()}))
+        for i, sample in enumerate(samples):
+            np.save(eval_dir / "samples" / f"sample_{i:04d}-0.npy", sample)
+    schemes = ["autoreg", "df-pyramid"]
+    results = report.evaluate_schemes(schemes, tmp_path, ["psnr", "on_manifold"], n_videos=2)
+    assert results["df-pyramid"]["overall"]["time_to_drift"] == 4.0
+    md = report.render_markdown(report.build_report(tmp_path, schemes, results, {}, {"checkpoint": "c.pt"}))
+    header = next(line for line in md.splitlines() if line.startswith("| scheme |"))
+    assert " on_manifold_last_quarter | time_to_drift |" in header
+    assert "| autoreg | autoreg | full_sequence | **inf** | **1** | **8** |" in md
+    assert "| 0 | 4 |" in next(line for line in md.splitlines() if line.startswith("| df-pyramid |"))
+    assert "frames 6..7 (the last quarter)" in md
+    assert "![on_manifold per frame](plots/on_manifold.png)" in md
+    with Image.open(tmp_path / "plots" / "on_manifold.png") as image:
+        image.verify()

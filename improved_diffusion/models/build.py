@@ -3,9 +3,13 @@
 `ModelConfig`'s field names are FDM's command-line flags (for `fdm_unet`) and DF's yaml names
 (`algorithm.diffusion.architecture.*`, for `df_unet3d`), so either paper's saved configuration
 reads straight into it. Only the chosen architecture's fields are checked and used.
+
+The conditioning layout (cond_dim, num_classes, cond_drop_prob) applies to both architectures and
+is saved with every checkpoint like the rest; configurations written before it existed read as
+unconditional (all 0), which builds exactly the network they were trained with.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..errors import ConfigError
 from .df_unet3d import DFUNet3D, DFUNet3DConfig
@@ -33,7 +37,7 @@ class ModelConfig:
     attention_resolutions: str = "16,8"  # resolutions (not factors) with attention, FDM's spelling
     channel_mult: str = ""  # "" = FDM's default for the image size
     dropout: float = 0.0
-    class_cond: bool = False  # FDM's flag; video datasets have no labels, so only False works
+    class_cond: bool = False  # FDM's flag: condition on the dataset's class labels (sets num_classes)
     use_scale_shift_norm: bool = True
     use_checkpoint: bool = False
     use_rpe_net: bool = True  # FDM's only working option; kept for config compatibility
@@ -48,6 +52,18 @@ class ModelConfig:
     use_init_temporal_attn: bool = True  # temporal attention right after the first convolution
     time_emb_type: str = "rotary"  # frame positions in temporal attention: rotary | sinusoidal
     strict_causal: bool = False  # with --causal: normalize each frame alone (DF's GroupNorm mixes frames)
+    # Conditioning, both architectures (models/conditioning.py).
+    cond_dim: int = field(default=0, metadata={"help": (
+        "condition each frame on a vector of this width, e.g. the dataset's actions (0: none; -1: the dataset's "
+        "action width, resolved when training starts)")})
+    num_classes: int = field(default=0, metadata={"help": "condition each video on a class label in [0, N) (0: none)"})
+    cond_drop_prob: float = field(default=0.0, metadata={"help": (
+        "training replaces a video's conditions by learned null ones with this probability, which classifier-free "
+        "guidance (--guidance_scale when sampling) needs; > 0 also gives the model its null embeddings")})
+
+    def has_conditions(self):
+        """Whether the network takes conditions (per-frame vectors or class labels)."""
+        return bool(self.cond_dim or self.num_classes or self.class_cond)
 
     def validate(self):
         """Raise ConfigError naming the first flag the network cannot be built with.
@@ -60,6 +76,7 @@ class ModelConfig:
             raise ConfigError(f"--image_size must be a positive integer, got {self.image_size}.")
         if self.strict_causal and not self.causal:
             raise ConfigError("--strict_causal True needs --causal True.")
+        self._validate_conditioning()
         if self.architecture == "df_unet3d":
             self._validate_df()
             return
@@ -74,8 +91,6 @@ class ModelConfig:
                               f"got {self.num_heads_upsample}.")
         if not 0 <= self.dropout < 1:
             raise ConfigError(f"--dropout must be in [0, 1), got {self.dropout}.")
-        if self.class_cond:
-            raise ConfigError("--class_cond True is not supported: the video datasets have no class labels.")
         if not self.use_rpe_net:
             raise ConfigError("--use_rpe_net False is not supported: relative positions come from RPE networks.")
         if self.num_channels % GROUPS:
@@ -98,6 +113,28 @@ class ModelConfig:
             if bad:
                 raise ConfigError(f"--{flag} {heads} does not divide the attention width {bad[0]} "
                               f"(--num_channels x --channel_mult).")
+
+    def _validate_conditioning(self):
+        if self.cond_dim < -1:
+            raise ConfigError(f"--cond_dim must be 0 (none), -1 (the dataset's action width) or positive, "
+                              f"got {self.cond_dim}.")
+        if self.num_classes < 0:
+            raise ConfigError(f"--num_classes must be 0 (no labels) or positive, got {self.num_classes}.")
+        if self.class_cond and self.num_classes < 1:
+            raise ConfigError("--class_cond True takes the number of classes from the dataset's labels; "
+                              "none was set, so pass --num_classes N.")
+        if not 0 <= self.cond_drop_prob < 1:
+            raise ConfigError(f"--cond_drop_prob must be in [0, 1), got {self.cond_drop_prob}.")
+        if self.cond_drop_prob > 0 and not self.has_conditions():
+            raise ConfigError(f"--cond_drop_prob {self.cond_drop_prob} drops conditions, but the model has none: "
+                              f"pass --cond_dim or --num_classes too.")
+
+    def conditioning(self):
+        """(cond_dim, num_classes, null_cond) of the network; cond_dim -1 must have been resolved."""
+        if self.cond_dim == -1:
+            raise ConfigError("--cond_dim -1 (the dataset's action width) must be resolved against the dataset "
+                              "before the model is built.")
+        return self.cond_dim, self.num_classes, self.cond_drop_prob > 0
 
     def _validate_df(self):
         for name in ("network_size", "attn_heads", "attn_dim_head"):
@@ -174,6 +211,7 @@ def df_unet3d_config(model_cfg: ModelConfig, learn_sigma: bool) -> DFUNet3DConfi
         time_emb_type=model_cfg.time_emb_type,
         causal=model_cfg.causal,
         strict_causal=model_cfg.strict_causal,
+        **conditioning_fields(model_cfg),
     )
 
 
@@ -192,7 +230,14 @@ def unet_config(model_cfg: ModelConfig, learn_sigma: bool) -> UNetConfig:
         use_scale_shift_norm=model_cfg.use_scale_shift_norm,
         use_checkpoint=model_cfg.use_checkpoint,
         causal=model_cfg.causal,
+        **conditioning_fields(model_cfg),
     )
+
+
+def conditioning_fields(model_cfg: ModelConfig):
+    """The network config's conditioning fields (both architectures name them alike)."""
+    cond_dim, num_classes, null_cond = model_cfg.conditioning()
+    return dict(cond_dim=cond_dim, num_classes=num_classes, null_cond=null_cond)
 
 
 def create_model(model_cfg: ModelConfig, learn_sigma=False):

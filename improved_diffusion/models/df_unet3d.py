@@ -27,6 +27,10 @@ How our call maps onto DF's network:
   and `strict_causal` normalizes each frame on its own instead, which makes it truly causal.
 - Padding slots (in neither mask) attend only to each other in temporal attention, as in FDM's
   UNet; without strict_causal they still enter the all-frames GroupNorm statistics (DF's design).
+- Conditions (cond_dim, num_classes; conditioning.py): DF's Unet3D raises NotImplementedError for
+  `external_cond_dim`; here each frame's condition embedding is added to its noise-level embedding
+  (what DF's Transformer does in effect, and DiT for labels), the same design as FDM's UNet. With
+  neither, no conditioning module exists and the network is DF's.
 """
 
 import math
@@ -36,6 +40,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .conditioning import ConditionEmbedding
 from .video_attention import group_attention_bias
 
 
@@ -58,6 +63,9 @@ class DFUNet3DConfig:
     strict_causal: bool = False
     resnet_groups: int = 8  # DF's resnet_block_groups default
     init_kernel_size: int = 7  # DF's init_kernel_size default
+    cond_dim: int = 0  # width of each frame's condition vector (0: none)
+    num_classes: int = 0  # per-video class labels (0: none)
+    null_cond: bool = False  # learned null conditions, for classifier-free guidance
 
 
 # ----------------------------------------------------------------------------- embeddings
@@ -334,6 +342,8 @@ class DFUNet3D(nn.Module):
             return TemporalAttentionBlock(d, c.attn_heads, c.attn_dim_head, rotary_emb=self.rotary_time_pos_embedding)
 
         self.noise_level_pos_embedding = nn.Sequential(Timesteps(dim), TimestepEmbedding(dim, emb_dim))
+        self.conditioning = (ConditionEmbedding(emb_dim, c.cond_dim, c.num_classes, c.null_cond)
+                             if c.cond_dim or c.num_classes else None)
         self.rotary_time_pos_embedding = RotaryEmbedding(c.attn_dim_head) if c.time_emb_type == "rotary" else None
         pad = c.init_kernel_size // 2
         self.init_conv = nn.Conv3d(c.channels, dim, kernel_size=(1, c.init_kernel_size, c.init_kernel_size),
@@ -366,13 +376,15 @@ class DFUNet3D(nn.Module):
         self.out = nn.Sequential(ResnetBlock(dim * 2, dim, None, c.resnet_groups, per_frame=c.strict_causal),
                                  nn.Conv3d(dim, c.out_channels, 1))
 
-    def forward(self, x, timesteps, x0=None, frame_indices=None, obs_mask=None, latent_mask=None, **unused):
+    def forward(self, x, timesteps, x0=None, frame_indices=None, obs_mask=None, latent_mask=None, cond=None, y=None,
+                drop_cond=None, **unused):
         """Denoise the frames of a batch of videos.
 
         x: [B x T x C x H x W] noisy frames; timesteps: [B] or [B x T], each frame's noise level
         (DF embeds it as given: the chain's step index); x0: clean or stabilized frames shown at
         obs_mask slots instead of x; frame_indices: [B x T] positions in the full video;
-        obs_mask, latent_mask: [B x T x 1 x 1 x 1]. Returns [B x T x C_out x H x W].
+        obs_mask, latent_mask: [B x T x 1 x 1 x 1]; cond [B x T x cond_dim], y [B], drop_cond [B]:
+        the conditions, as FDM's UNet takes them. Returns [B x T x C_out x H x W].
         """
         B, T = x.shape[:2]
         if obs_mask is not None and x0 is not None:
@@ -395,6 +407,11 @@ class DFUNet3D(nn.Module):
         frames = Frames(positions, None if mask is None else mask == 0)  # bool: any precision
 
         emb = self.noise_level_pos_embedding(timesteps)  # [B x T x 4 dim]
+        if self.conditioning is not None:
+            emb = emb + self.conditioning(B, T, cond, y, drop_cond)
+        elif cond is not None or y is not None or drop_cond is not None:
+            raise ValueError("this model is unconditional (cond_dim 0, num_classes 0): it takes no cond, y or "
+                             "drop_cond.")
         h = self.init_conv(x.transpose(1, 2))  # b c t h w
         if isinstance(self.init_temporal_attn, TemporalAttentionBlock):
             h = self.init_temporal_attn(h, frames)

@@ -5,6 +5,10 @@ carries its own noise level (timesteps [B x T]), an "observed" indicator channel
 index in the full video, which only enters through relative positions in temporal
 attention. Residual blocks and spatial attention act per frame. Module and parameter names
 match FDM's UNetVideoModel, so FDM checkpoints load with `load_state_dict` unchanged.
+
+Optional conditions (conditioning.py): per-frame vectors (cond_dim > 0) and per-video labels
+(num_classes > 0) are embedded and added to each frame's time embedding. An unconditional
+network (both 0) has no conditioning module at all, so its parameters and outputs are FDM's.
 """
 
 from dataclasses import dataclass
@@ -14,6 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from .conditioning import ConditionEmbedding
 from .nn import normalization, timestep_embedding, zero_module
 from .video_attention import FactorizedAttentionBlock
 
@@ -45,6 +50,9 @@ class UNetConfig:
     use_scale_shift_norm: bool = True
     use_checkpoint: bool = False
     causal: bool = False
+    cond_dim: int = 0  # width of each frame's condition vector (0: none)
+    num_classes: int = 0  # per-video class labels (0: none)
+    null_cond: bool = False  # learned null conditions, for classifier-free guidance
 
 
 class ResBlock(nn.Module):
@@ -138,6 +146,8 @@ class UNetVideoModel(nn.Module):
             return FactorizedAttentionBlock(ch, heads, emb_dim, causal=c.causal)
 
         self.time_embed = nn.Sequential(nn.Linear(mc, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        self.conditioning = (ConditionEmbedding(emb_dim, c.cond_dim, c.num_classes, c.null_cond)
+                             if c.cond_dim or c.num_classes else None)
         # +1 input channel: the observed-frame indicator.
         self.input_blocks = nn.ModuleList([Stage(nn.Conv2d(c.in_channels + 1, mc, 3, padding=1))])
         skip_channels = [mc]
@@ -172,7 +182,7 @@ class UNetVideoModel(nn.Module):
         self.out = nn.Sequential(normalization(ch), nn.SiLU(), zero_module(nn.Conv2d(mc, c.out_channels, 3, padding=1)))
 
     def forward(self, x, timesteps, x0=None, frame_indices=None, obs_mask=None, latent_mask=None, earlier=None,
-                **unused):
+                cond=None, y=None, drop_cond=None, **unused):
         """Denoise the frames of a batch of videos.
 
         x: [B x T x C x H x W] noisy frames; timesteps: [B] or [B x T] (each frame's own
@@ -181,7 +191,9 @@ class UNetVideoModel(nn.Module):
         obs_mask, latent_mask: [B x T x 1 x 1 x 1]. Frames in neither mask are padding
         and attend only to each other. earlier: for a causal model, an EarlierFrames
         (video_attention.py) holding cached frames that come before every frame of this call.
-        Returns [B x T x C_out x H x W].
+        cond: [B x T x cond_dim], each slot's condition vector; y: [B] class labels; drop_cond:
+        [B] bool, videos shown the null condition instead (conditioning.py). An unconditional
+        model refuses conditions. Returns [B x T x C_out x H x W].
         """
         B, T, C, H, W = x.shape
         if obs_mask is None:
@@ -201,6 +213,11 @@ class UNetVideoModel(nn.Module):
         indicator = torch.ones_like(x[:, :, :1]) * obs_mask
         h = torch.cat([x * (1 - obs_mask) + x0 * obs_mask, indicator], dim=2).reshape(B * T, C + 1, H, W)
         emb = self.time_embed(timestep_embedding(timesteps, self.config.model_channels).to(self.time_embed[0].weight.dtype))
+        if self.conditioning is not None:
+            emb = emb + self.conditioning(B, T, cond, y, drop_cond).reshape(B * T, -1)
+        elif cond is not None or y is not None or drop_cond is not None:
+            raise ValueError("this model is unconditional (cond_dim 0, num_classes 0): it takes no cond, y or "
+                             "drop_cond.")
         if earlier is not None:
             if not self.config.causal:
                 raise ValueError("only a causal model can attend to cached earlier frames.")

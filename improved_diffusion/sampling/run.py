@@ -26,11 +26,23 @@ Sampler settings the user leaves unset (None) come from the checkpoint's config 
 (`sampler_defaults`): a DF config gives DF's sampler (stabilization "df" at its
 stabilization_level, its ddim_sampling_eta, sampling_timesteps levels per stage with DDIM when they
 are fewer than its timesteps, its clip_noise, no x0 clipping), so every plan runs on a DF model.
+
+Conditional checkpoints (cond_dim, num_classes in their config; `SamplingConditions`): each test
+video is driven by its own actions from the dataset by default; `actions` (a .npy file: T x D
+reals, or T integers made one-hot) drives every video with the same actions instead; `label`
+gives every video a class label; `uncond` shows the model its null condition (a model trained with
+cond_drop_prob > 0). `guidance_scale` w != 1 (classifier-free guidance, guidance.py) needs such a
+model too. The conditions' source (and the guidance scale, through the scheme) are recorded in
+sampling_config.json and name the default results folder, so samples made with different ones
+never share a folder.
 """
 
+import copy
 import json
 import os
 import sys
+from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 import torch
@@ -38,12 +50,14 @@ import torch
 from .. import dist_util
 from ..checkpoints import df_to_config, load_checkpoint, read_df_checkpoint, read_df_config, read_model_checkpoint
 from ..cli import dataclass_from_dict, device_flag
+from ..data.actions import read_actions_file
 from ..data.datasets import get_dataset
 from ..data.pixels import to_uint8
 from ..diffusion import DiffusionConfig
-from ..errors import ConfigError
+from ..errors import ConfigError, DatasetError
 from ..precision import PrecisionModel, check_precision, compile_model
 from ..results import CONFIG_FILE, SAMPLE_DIR, find_samples, sample_path, write_sampling_config
+from .guidance import Conditions
 from .kv_cache import CausalCache, supports_cache
 from .plan_picture import draw_plan
 from .sampler import one_video_at_a_time, sample_with_scheme, video_generator
@@ -184,23 +198,188 @@ def prepare_model(model, device, *, batch_invariant=False, precision="fp32", com
     return wrap(model)
 
 
-def check_same_precision(eval_dir, precision):
-    """Refuse to add samples at `precision` to a folder whose samples were made at another precision.
+# What a folder's samples were made with, and the value of folders written before it was recorded.
+PINNED_SETTINGS = {"precision": "fp32", "guidance_scale": 1.0, "conditions": "none"}
+
+
+def check_same_settings(eval_dir, **settings):
+    """Refuse to add samples to a folder whose samples were made with other `settings` (PINNED_SETTINGS keys).
 
     Existing samples are skipped (resumed), so mixing would leave a folder whose sampling_config.json
-    misdescribes some of its samples. Folders written before precision was recorded are fp32.
+    misdescribes some of its samples. Folders written before a setting was recorded have its default
+    (fp32, no guidance, no conditions).
     """
     path = os.path.join(eval_dir, CONFIG_FILE)
     if not os.path.isfile(path) or not os.path.isdir(os.path.join(eval_dir, SAMPLE_DIR)) or not find_samples(eval_dir):
         return
     try:
         with open(path) as f:
-            saved = json.load(f).get("precision", "fp32")
+            saved_config = json.load(f)
+        saved_config.get("precision")
     except (OSError, ValueError, AttributeError):
         return  # not ours to judge; it is rewritten below
-    if saved != precision:
-        raise ConfigError(f"{eval_dir} holds samples made with --precision {saved}, not {precision}; "
-                          "pass another --eval_dir.")
+    for key, value in settings.items():
+        saved = saved_config.get(key, PINNED_SETTINGS[key])
+        if saved != value:
+            what = f"conditions '{saved}', not '{value}'" if key == "conditions" else f"--{key} {saved}, not {value}"
+            raise ConfigError(f"{eval_dir} holds samples made with {what}; pass another --eval_dir.")
+
+
+def check_same_precision(eval_dir, precision):
+    """Refuse to add samples at `precision` to a folder whose samples were made at another precision."""
+    check_same_settings(eval_dir, precision=precision)
+
+
+@dataclass(frozen=True)
+class SamplingConditions:
+    """Where a sampling run's conditions come from (checked against the checkpoint by `sampling_conditions`).
+
+    source: "none" (an unconditional checkpoint), "dataset" (each test video's own actions),
+    "file" (the actions of `actions_file` for every video) or "null" (the model's null condition);
+    label: every video's class label (None: no labels).
+    """
+
+    source: str = "none"
+    actions_file: Optional[str] = None
+    label: Optional[int] = None
+
+    def describe(self):
+        """One string for sampling_config.json's "conditions" (PINNED_SETTINGS compares it)."""
+        text = {"none": "none", "dataset": "dataset actions", "null": "null"}.get(self.source)
+        if self.source == "file":
+            text = f"actions from {self.actions_file}"
+        return text if self.label is None else f"{text}, label {self.label}"
+
+    def folder_suffix(self):
+        """What the default results folder adds: the dataset's own conditions (or none) add nothing."""
+        suffix = ""
+        if self.source == "file":
+            suffix += "_actions-" + os.path.splitext(os.path.basename(self.actions_file))[0]
+        elif self.source == "null":
+            suffix += "_uncond"
+        if self.label is not None:
+            suffix += f"_label{self.label}"
+        return suffix
+
+
+def checkpoint_conditioning(config):
+    """(cond_dim, num_classes, has null conditions) of a checkpoint's flat config; older configs: unconditional."""
+    return (int(config.get("cond_dim") or 0), int(config.get("num_classes") or 0),
+            float(config.get("cond_drop_prob") or 0) > 0)
+
+
+def sampling_conditions(config, checkpoint_path, *, actions=None, label=None, uncond=False, guidance_scale=1.0):
+    """The SamplingConditions the flags ask for, or a one-sentence ConfigError if the checkpoint cannot take them.
+
+    Checks only the flags against the checkpoint; `read_actions` and `dataset_actions` check the
+    actions themselves.
+    """
+    cond_dim, num_classes, has_null = checkpoint_conditioning(config)
+    guiding = float(guidance_scale) != 1.0
+    if not (cond_dim or num_classes):
+        if actions is not None:
+            raise ConfigError(f"--actions {actions}: checkpoint {checkpoint_path} is unconditional (trained without "
+                              f"--cond_dim), so actions cannot drive it.")
+        if label is not None:
+            raise ConfigError(f"--label {label}: checkpoint {checkpoint_path} is unconditional (trained without "
+                              f"--num_classes), so it takes no class label.")
+        if guiding:
+            raise ConfigError(f"--guidance_scale {guidance_scale:g} needs a conditional model trained with "
+                              f"--cond_drop_prob > 0, but checkpoint {checkpoint_path} is unconditional.")
+        return SamplingConditions("none")
+    if (guiding or uncond) and not has_null:
+        flag = "--uncond True" if uncond else f"--guidance_scale {guidance_scale:g}"
+        raise ConfigError(f"{flag} needs the null condition of a model trained with --cond_drop_prob > 0, but "
+                          f"checkpoint {checkpoint_path} was trained with --cond_drop_prob 0.")
+    if uncond:
+        if guiding or actions is not None or label is not None:
+            raise ConfigError("--uncond True samples with the null condition alone, so it takes no --actions, "
+                              "--label or --guidance_scale other than 1.")
+        return SamplingConditions("null")
+    if actions is not None and not cond_dim:
+        raise ConfigError(f"--actions {actions}: checkpoint {checkpoint_path} is conditioned on class labels only, "
+                          f"not on per-frame actions.")
+    if label is not None and not num_classes:
+        raise ConfigError(f"--label {label}: checkpoint {checkpoint_path} is conditioned on actions only, not on "
+                          f"class labels.")
+    if num_classes:
+        if label is None:
+            raise ConfigError(f"checkpoint {checkpoint_path} is conditioned on class labels ({num_classes} classes) "
+                              f"and the datasets have none: pass --label L with 0 <= L < {num_classes}, or "
+                              f"--uncond True.")
+        if not 0 <= label < num_classes:
+            raise ConfigError(f"--label {label} is out of range: checkpoint {checkpoint_path} knows labels 0 to "
+                              f"{num_classes - 1}.")
+    if not cond_dim:
+        return SamplingConditions("none", label=label)
+    if actions is not None:
+        return SamplingConditions("file", actions_file=os.path.abspath(str(actions)), label=label)
+    return SamplingConditions("dataset", label=label)
+
+
+def read_actions(path, T, cond_dim):
+    """float32 [T x cond_dim] from an --actions file: its first T rows; T integers become one-hot vectors.
+
+    A [T x D] real array must have D = cond_dim; integers must lie in [0, cond_dim). ConfigError
+    (or DatasetError for an unreadable file) in one sentence otherwise.
+    """
+    stored = read_actions_file(path)
+    if len(stored) < T:
+        raise ConfigError(f"--actions {path} holds {len(stored)} actions, fewer than the --T {T} frames it must "
+                          f"cover (one action per frame).")
+    stored = stored[:T]
+    if stored.ndim == 1:
+        if stored.size and stored.max() >= cond_dim:
+            raise ConfigError(f"--actions {path} holds action {int(stored.max())}, but the checkpoint knows "
+                              f"{cond_dim} actions (0 to {cond_dim - 1}).")
+        return np.eye(cond_dim, dtype=np.float32)[stored]
+    if stored.shape[1] != cond_dim:
+        raise ConfigError(f"--actions {path} has {stored.shape[1]} values per frame, but the checkpoint is "
+                          f"conditioned on {cond_dim} (its cond_dim).")
+    return stored.astype(np.float32)
+
+
+def dataset_actions(data, indices, T, cond_dim, dataset_name):
+    """{index: float32 [T x cond_dim] tensor} of test videos' own actions over T frames; ConfigError if absent.
+
+    The videos are those of `data` (built as for the given frames, so an index names the same video),
+    read up to T frames as the ground truth is (evaluation/ground_truth.py).
+    """
+    check_dataset_actions(data, cond_dim, dataset_name)
+    view = copy.copy(data)  # the same videos, read up to T frames
+    view.T = T
+    found = {}
+    for i in indices:
+        try:
+            found[i] = torch.from_numpy(np.ascontiguousarray(view.frames_and_actions(i)[1]))
+        except DatasetError as e:
+            raise ConfigError(f"--T {T}: the actions of test video {i} of {dataset_name} cannot cover {T} frames "
+                              f"({e}); pass --actions FILE.npy or a smaller --T.") from None
+    return found
+
+
+def check_dataset_actions(data, cond_dim, dataset_name):
+    """A ConfigError unless the dataset `data` has actions as wide as the checkpoint's cond_dim."""
+    if data.action_dim is None:
+        raise ConfigError(f"the checkpoint is conditioned on actions, but dataset {dataset_name} has none: pass "
+                          f"--actions FILE.npy (T x {cond_dim} values, or T integers) or --uncond True.")
+    if data.action_dim != cond_dim:
+        raise ConfigError(f"the actions of dataset {dataset_name} have {data.action_dim} values per frame, but the "
+                          f"checkpoint is conditioned on {cond_dim}; pass --actions FILE.npy or another --dataset.")
+
+
+def batch_conditions(conditions, batch_idx, own_actions, file_actions, device):
+    """The guidance.Conditions of the videos `batch_idx` (None for an unconditional checkpoint)."""
+    if conditions.source == "none" and conditions.label is None:
+        return None
+    B = len(batch_idx)
+    actions = None
+    if conditions.source == "dataset":
+        actions = torch.stack([own_actions[i] for i in batch_idx]).to(device)
+    elif conditions.source == "file":
+        actions = file_actions[None].expand(B, -1, -1).to(device)
+    labels = None if conditions.label is None else torch.full((B,), conditions.label, dtype=torch.long, device=device)
+    return Conditions(actions=actions, labels=labels, null=conditions.source == "null")
 
 
 def sample_dataset(checkpoint_path, sampling_scheme="autoreg", *, T=DEFAULT, n_obs=DEFAULT, max_frames=DEFAULT,
@@ -208,7 +387,8 @@ def sample_dataset(checkpoint_path, sampling_scheme="autoreg", *, T=DEFAULT, n_o
                    chunk_size=None, sampling_steps=None, optimality=None, timestep_respacing="", use_ddim=None,
                    eta=None, clip_denoised=None, stabilization=None, clip_noise=None, dataset=None, eval_dir=None,
                    start_index=0, stop_index=DEFAULT, sample_idx=0, batch_size=8, batch_invariant=False, seed=0,
-                   device=None, just_visualise=False, df_config=None, precision="fp32", compile=False, kv_cache=None):
+                   device=None, just_visualise=False, df_config=None, precision="fp32", compile=False, kv_cache=None,
+                   guidance_scale=1.0, actions=None, label=None, uncond=False):
     """Sample test videos start_index..stop_index-1 (-1: all) with a scheme; returns the eval dir.
 
     The scheme is the preset `sampling_scheme` with the given overrides (see `Scheme.from_preset`;
@@ -218,7 +398,9 @@ def sample_dataset(checkpoint_path, sampling_scheme="autoreg", *, T=DEFAULT, n_o
     <eval_dir>/plan.png and return that path. df_config: DF's config, for a Diffusion Forcing
     checkpoint. precision: fp32, bf16 or fp16 for the network's calls (see precision.py); samples at
     16 bits go to a folder named with a _<precision> suffix by default. compile: torch.compile the
-    network (the first calls are slow while it compiles). See `prepare_model`.
+    network (the first calls are slow while it compiles). See `prepare_model`. guidance_scale,
+    actions, label, uncond: a conditional checkpoint's conditions and classifier-free guidance (see
+    the module docstring); label None (or -1) means no label.
     """
     # ---- every setting is checked before the model is loaded
     for flag, value, minimum in (("batch_size", batch_size, 1), ("start_index", start_index, 0),
@@ -235,8 +417,15 @@ def sample_dataset(checkpoint_path, sampling_scheme="autoreg", *, T=DEFAULT, n_o
         noise_schedule=noise_schedule, uncertainty_scale=uncertainty_scale, stabilization_level=stabilization_level,
         chunk_size=chunk_size, optimality=optimality, sampling_steps=sampling_steps, use_ddim=use_ddim, eta=eta,
         clip_denoised=clip_denoised, stabilization=stabilization, clip_noise=clip_noise,
-        timestep_respacing=timestep_respacing)
-    folder = scheme.folder_name() + ("" if precision == "fp32" else f"_{precision}")
+        timestep_respacing=timestep_respacing, guidance_scale=guidance_scale)
+    label = None if label is None or label == DEFAULT else int(label)
+    conditions = sampling_conditions(config, checkpoint_path, actions=actions, label=label, uncond=bool(uncond),
+                                     guidance_scale=scheme.stage.guidance_scale)
+    cond_dim = checkpoint_conditioning(config)[0]
+    file_actions = None
+    if conditions.source == "file":
+        file_actions = torch.from_numpy(read_actions(actions, scheme.T, cond_dim))
+    folder = scheme.folder_name() + ("" if precision == "fp32" else f"_{precision}") + conditions.folder_suffix()
     eval_dir = str(eval_dir or default_eval_dir(checkpoint_path, config, folder))
     check_folder("eval_dir", eval_dir)
 
@@ -251,12 +440,18 @@ def sample_dataset(checkpoint_path, sampling_scheme="autoreg", *, T=DEFAULT, n_o
 
     dataset_name = dataset or config.get("dataset") or "bouncing_balls"
     image_size = int(config["image_size"])
-    data = get_dataset(dataset_name, split="test", T=max(scheme.n_obs, 1), image_size=image_size)
+    # The training run's frame skip, for its own dataset (dmlab, minecraft); another dataset is read as it is.
+    frame_skip = int(config.get("frame_skip") or 1) if dataset_name == config.get("dataset") else 1
+    data = get_dataset(dataset_name, split="test", T=max(scheme.n_obs, 1), image_size=image_size,
+                       frame_skip=frame_skip)
     if start_index >= len(data):
         raise ConfigError(f"--start_index {start_index} is past the last of the {len(data)} test videos of "
                           f"{dataset_name}.")
+    if conditions.source == "dataset":
+        check_dataset_actions(data, cond_dim, dataset_name)
     device = device_flag(device)
-    check_same_precision(eval_dir, precision)
+    check_same_settings(eval_dir, precision=precision, guidance_scale=scheme.stage.guidance_scale,
+                        conditions=conditions.describe())
 
     # ---- this rank's videos
     rank, world_size = dist_util.setup_dist()
@@ -269,7 +464,9 @@ def sample_dataset(checkpoint_path, sampling_scheme="autoreg", *, T=DEFAULT, n_o
     if rank == 0:
         run_config = {"checkpoint": str(checkpoint_path), "dataset": dataset_name, "image_size": image_size,
                       "seed": seed, "data_seed": 0, "precision": precision, "compiled": bool(compile),
-                      "batch_invariant": bool(batch_invariant)}
+                      "batch_invariant": bool(batch_invariant), "frame_skip": frame_skip,
+                      "conditions": conditions.describe(), "actions_source": conditions.source,
+                      "actions_file": conditions.actions_file, "label": conditions.label}
         if df_config is not None:
             run_config["df_config"] = df_config if isinstance(df_config, dict) else str(df_config)
         write_sampling_config(eval_dir, {**run_config, **scheme.to_dict()})
@@ -278,6 +475,9 @@ def sample_dataset(checkpoint_path, sampling_scheme="autoreg", *, T=DEFAULT, n_o
           file=sys.stderr)
     if not todo:
         return eval_dir
+    own_actions = {}  # each video's own actions, read (and checked) before the model is loaded
+    if conditions.source == "dataset":
+        own_actions = dataset_actions(data, todo, scheme.T, cond_dim, dataset_name)
 
     # ---- the model, then one batch at a time; each video draws its noise from its own generator
     model, diffusion, _ = load_checkpoint(checkpoint_path, scheme.timestep_respacing, device=device, data=checkpoint,
@@ -292,7 +492,8 @@ def sample_dataset(checkpoint_path, sampling_scheme="autoreg", *, T=DEFAULT, n_o
         for j, i in enumerate(batch_idx):
             videos[j, :scheme.n_obs] = data.video(i)[:scheme.n_obs]
         generators = [video_generator(seed, sample_idx, i) for i in batch_idx]
-        out = sample_with_scheme(model, diffusion, scheme, videos.to(device), generators, progress=rank == 0)
+        out = sample_with_scheme(model, diffusion, scheme, videos.to(device), generators, progress=rank == 0,
+                                 conditions=batch_conditions(conditions, batch_idx, own_actions, file_actions, device))
         frames = to_uint8(out).numpy()
         for j, i in enumerate(batch_idx):
             path = sample_path(eval_dir, i, sample_idx)

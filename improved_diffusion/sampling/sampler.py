@@ -36,6 +36,12 @@ trajectory of another codebase (e.g. DF's chunk noise) can be reproduced.
 
 Randomness comes from one torch.Generator per video, used only for that video's noise, so a
 video's sample does not depend on which other videos share its batch (or rank).
+
+Conditions (`conditions`, a guidance.Conditions): each model call gets, per stage slot, the vector
+of the frame the slot holds (its action), and each video's label. `StageSettings.guidance_scale`
+w != 1 samples with classifier-free guidance: every model call becomes one call on the doubled
+batch [conditional; null] combined as uncond + w (cond - uncond) (guidance.py); the update, the
+stabilization and every noise draw are the same as without guidance.
 """
 
 import numpy as np
@@ -47,6 +53,7 @@ from ..data.pixels import to_uint8
 from ..errors import ConfigError, ScheduleError
 from ..frame_batch import gather_frames
 from . import df_step
+from .guidance import Conditions, guided
 from .noise_schedules import levels_to_timesteps, noise_levels
 from .scheme import Scheme, check_settings
 
@@ -97,6 +104,7 @@ def frame_batch(videos, obs_lists, latent_lists):
     """Each video's stage frames (observed first, then latent) in slots; padding repeats frame 0.
 
     Returns x0 [B x K x C x H x W], frame_indices [B x K], obs/latent masks [B x K x 1 x 1 x 1].
+    (A slot's condition vector is gathered with the same frame_indices: Conditions.model_kwargs.)
     """
     batch = gather_frames(videos, [list(o) + list(l) for o, l in zip(obs_lists, latent_lists)],
                           [[True] * len(o) + [False] * len(l) for o, l in zip(obs_lists, latent_lists)])
@@ -105,7 +113,7 @@ def frame_batch(videos, obs_lists, latent_lists):
 
 @torch.no_grad()
 def sample_stage(model, diffusion, videos, obs_lists, latent_lists, settings, generated=None, generators=None,
-                 callback=None, initial_noise=None):
+                 callback=None, initial_noise=None, conditions=None):
     """Generate one stage's latent frames and write them into `videos` (in place).
 
     videos [B x T x C x H x W]; obs_lists/latent_lists: per video, lists of frame indices;
@@ -114,12 +122,15 @@ def sample_stage(model, diffusion, videos, obs_lists, latent_lists, settings, ge
     one) per video; callback: called after every model call with a dict (row, previous, x, t_from,
     t_to, t_model, pred_xstart), t_* being [B x K] timesteps per stage slot (-1: clean or not
     latent); initial_noise: [B x max latent frames x C x H x W], the latent frames' starting noise
-    (used as given; None: drawn from the generators and clamped to +-clip_noise).
+    (used as given; None: drawn from the generators and clamped to +-clip_noise). conditions: a
+    guidance.Conditions (None: an unconditional model); settings.guidance_scale guides with it.
     """
     device = videos.device
     check_settings(settings, diffusion)
+    model = guided(model, settings.guidance_scale)
     x0, frame_indices, obs_mask, latent_mask = frame_batch(videos, obs_lists, latent_lists)
     B, K = frame_indices.shape
+    condition_kwargs = (conditions or Conditions()).model_kwargs(frame_indices)
     generators = [None] * B if generators is None else list(generators)
     n_obs = [len(o) for o in obs_lists]
     n_lat = [len(l) for l in latent_lists]
@@ -163,7 +174,7 @@ def sample_stage(model, diffusion, videos, obs_lists, latent_lists, settings, ge
     if settings.stabilization == "df":
         return finish_stage(videos, latent_lists, n_obs, generated,
                             df_stage_loop(model, diffusion, x, x0, frame_indices, is_obs, is_latent, column,
-                                          timesteps, settings, stab_t, noise_like, callback))
+                                          timesteps, settings, stab_t, noise_like, callback, condition_kwargs))
     for m in range(len(timesteps) - 1):
         t_from, t_to = per_slot(m), per_slot(m + 1)
         moving = is_latent & (t_to != t_from)
@@ -184,6 +195,7 @@ def sample_stage(model, diffusion, videos, obs_lists, latent_lists, settings, ge
             "frame_indices": frame_indices,
             "obs_mask": as_mask(is_obs | done).float(),
             "latent_mask": as_mask(is_latent & ~done).float(),
+            **condition_kwargs,
         }
         move_mask = as_mask(moving).float()
         t_model_dev = t_model.to(device)
@@ -204,7 +216,7 @@ def sample_stage(model, diffusion, videos, obs_lists, latent_lists, settings, ge
 
 
 def df_stage_loop(model, diffusion, x, x0, frame_indices, is_obs, is_latent, column, timesteps, settings, stab_t,
-                  noise_like, callback):
+                  noise_like, callback, condition_kwargs=None):
     """The rows of one stage with Diffusion Forcing's `sample_step` (stabilization "df"); returns the final x.
 
     Per row, as DF's `ddim_sample_step` / `ddpm_sample_step`: every frame at level -1 (observed
@@ -213,6 +225,7 @@ def df_stage_loop(model, diffusion, x, x0, frame_indices, is_obs, is_latent, col
     frame is shown as it is at its own timestep; frames whose timestep changes get DF's update,
     all others keep their values exactly. The shown values go to the network both as x and as x0
     (with obs_mask marking the context), so a network reading either sees DF's input.
+    condition_kwargs: the stage's cond / y / drop_cond model arguments (Conditions.model_kwargs).
     """
     B, K = column.shape
     device = x.device
@@ -238,6 +251,7 @@ def df_stage_loop(model, diffusion, x, x0, frame_indices, is_obs, is_latent, col
             "frame_indices": frame_indices,
             "obs_mask": as_mask(context & (is_obs | is_latent)).float(),
             "latent_mask": as_mask(~context).float(),
+            **(condition_kwargs or {}),
         }
         t_model_dev = t_model.to(device)
         if settings.use_ddim:
@@ -292,7 +306,7 @@ def one_video_at_a_time(model, wrap=None):
 
 
 def sample_video(model, diffusion, videos, n_obs, plan, settings, generators=None, progress=False, callback=None,
-                 initial_noise=None):
+                 initial_noise=None, conditions=None):
     """Fill frames n_obs.. of `videos` [B x T x C x H x W] stage by stage along `plan`; returns a new tensor.
 
     `plan` is a plan object (plans.py; `Scheme.make_plan()`), asked for each stage with the videos
@@ -300,7 +314,8 @@ def sample_video(model, diffusion, videos, n_obs, plan, settings, generators=Non
     `video_generator`), or None for torch's global one. callback: see `sample_stage`; its dict
     also holds the stage number. initial_noise: None, or a list with one tensor per stage
     [B x new frames x C x H x W], that stage's starting noise (to reproduce another sampler's
-    trajectory).
+    trajectory). conditions: a guidance.Conditions whose actions cover all T frames (None:
+    unconditional); settings.guidance_scale != 1 guides every model call with it.
     """
     check_settings(settings, diffusion)
     videos = videos.clone()
@@ -317,29 +332,32 @@ def sample_video(model, diffusion, videos, n_obs, plan, settings, generators=Non
                 raise ValueError(f"initial_noise has {len(initial_noise)} tensors, but the plan has more stages.")
             stage_noise = initial_noise[stage_number]
         sample_stage(model, diffusion, videos, stage.obs, stage.latent, settings, generated, generators,
-                     stage_callback, stage_noise)
+                     stage_callback, stage_noise, conditions)
         stage_number += 1
         bar.update(1)
     bar.close()
     return videos
 
 
-def sample_with_scheme(model, diffusion, scheme, videos, generators=None, progress=False):
+def sample_with_scheme(model, diffusion, scheme, videos, generators=None, progress=False, conditions=None):
     """`sample_video` along `scheme` (a Scheme): its plan, from its first n_obs frames, with its stage settings."""
     return sample_video(model, diffusion, videos, scheme.n_obs, scheme.make_plan(), scheme.stage, generators,
-                        progress)
+                        progress, conditions=conditions)
 
 
-def preview_rollout(model, diffusion, given, T, max_frames, seed=0):
+def preview_rollout(model, diffusion, given, T, max_frames, seed=0, actions=None):
     """A quick look at a model in training: `autoreg` from the frames `given` [n x C x H x W] to T frames.
 
     Uses DDIM over the diffusion's (respaced) steps and a fixed per-video generator, so previews of
-    different steps differ only by the weights. Returns uint8 [T x C x H x W].
+    different steps differ only by the weights. actions: [T x D] per-frame vectors of a model
+    conditioned on them (None: unconditional). Returns uint8 [T x C x H x W].
     """
     n_obs = len(given)
     scheme = Scheme.from_preset("autoreg", T=T, n_obs=n_obs, max_frames=max_frames,
                                 max_latent_frames=max_frames - n_obs, use_ddim=True)
     videos = torch.zeros(1, T, *given.shape[1:], device=given.device)
     videos[0, :n_obs] = given
-    out = sample_with_scheme(model, diffusion, scheme, videos, generators=[video_generator(seed, 0, 0)])
+    conditions = None if actions is None else Conditions(actions=actions[None].to(given.device))
+    out = sample_with_scheme(model, diffusion, scheme, videos, generators=[video_generator(seed, 0, 0)],
+                             conditions=conditions)
     return to_uint8(out[0])

@@ -58,6 +58,7 @@ class StageSettings:
     clip_denoised: bool = True
     stabilization: str = "generated"  # "generated" | "df", see above
     clip_noise: float = 0.0  # 0: Gaussian draws are not clamped
+    guidance_scale: float = 1.0  # classifier-free guidance (guidance.py): 1 = the conditional model, off
 
 
 def training_steps(diffusion):
@@ -87,6 +88,9 @@ def check_settings(settings, diffusion=None):
                           "--stabilization generated to show them clean.")
     if not (math.isfinite(settings.clip_noise) and settings.clip_noise >= 0):
         raise ConfigError(f"clip_noise must be 0 (no bound) or a positive number, got {settings.clip_noise}.")
+    if not (math.isfinite(settings.guidance_scale) and settings.guidance_scale >= 0):
+        raise ConfigError(f"guidance_scale must be a finite number >= 0 (1: no guidance), got "
+                          f"{settings.guidance_scale}.")
     if diffusion is None:
         return
     N = diffusion.num_timesteps
@@ -151,7 +155,7 @@ class Scheme:
     def from_preset(cls, name, *, T, max_frames, n_obs=None, max_latent_frames=None, noise_schedule=None,
                     uncertainty_scale=None, stabilization_level=None, chunk_size=None, optimality=None,
                     sampling_steps=0, use_ddim=False, eta=0.0, clip_denoised=None, timestep_respacing="",
-                    stabilization=None, clip_noise=0.0, diffusion_config=None):
+                    stabilization=None, clip_noise=0.0, guidance_scale=1.0, diffusion_config=None):
         """The preset `name` with the given overrides (None: the preset's), validated.
 
         The step size is `max_latent_frames`, or max_frames // 2 when that is None. A chunk_size > 0
@@ -182,6 +186,7 @@ class Scheme:
             clip_denoised=bool(preset.clip_denoised if clip_denoised is None else clip_denoised),
             stabilization=preset.stabilization if stabilization is None else stabilization,
             clip_noise=float(clip_noise),
+            guidance_scale=float(guidance_scale),
         )
         scheme = cls(sampling_scheme=name, plan=plan, T=T, n_obs=max_frames - step if n_obs is None else n_obs,
                      max_frames=max_frames, step_size=step,
@@ -271,6 +276,8 @@ class Scheme:
             name += f"_clipnoise{st.clip_noise:g}"
         if not st.clip_denoised:
             name += "_noclip"
+        if st.guidance_scale != 1:
+            name += f"_cfg{st.guidance_scale:g}"
         if self.timestep_respacing:
             name += f"_{self.timestep_respacing}"
         return name

@@ -14,6 +14,10 @@ frame its own noise level. `noise_mode` chooses between them:
 
 Every random choice takes an explicit numpy Generator, so a batch is a pure function of
 (seed, step, rank) and a resumed run repeats it exactly.
+
+Per-frame conditions (actions, [T x D] per video) are gathered with the same frame indices as
+the frames, so each slot's vector is that of the frame it holds; a padding frame taken from
+another video brings that video's vector for it.
 """
 
 import numpy as np
@@ -63,13 +67,15 @@ def sample_masks(batch_size, T, max_frames, rng):
     return obs, latent
 
 
-def gather_training_batch(videos, pad_videos, obs, latent, max_frames, rng):
+def gather_training_batch(videos, pad_videos, obs, latent, max_frames, rng, actions=None, pad_actions=None):
     """Select the chosen frames of each video and pad to max_frames.
 
     videos, pad_videos: [B x T x C x H x W]; obs, latent: bool [B x T]. Returns a dict with
     x [B x K x C x H x W], frame_indices [B x K] and float masks [B x K x 1 x 1 x 1].
     Padding frames (from pad_videos, at random indices; pad_videos None disables padding)
     are in neither mask: they attend only to each other and are denoised unconditionally.
+    actions, pad_actions: [B x T x D] vectors of the frames of videos and pad_videos (or None);
+    with them the dict also holds `cond` [B x K x D], each slot's frame's vector.
     """
     B, T = obs.shape
     chosen = obs | latent
@@ -78,19 +84,24 @@ def gather_training_batch(videos, pad_videos, obs, latent, max_frames, rng):
 
     def pad(b, n):
         pad_idx = rng.integers(0, T, size=n)
-        return pad_videos[b, pad_idx], pad_idx
+        if actions is None:
+            return pad_videos[b, pad_idx], pad_idx
+        return pad_videos[b, pad_idx], pad_idx, pad_actions[b, pad_idx]
 
     return gather_frames(videos, frames, [obs[b, frames[b]] for b in range(B)], K,
-                         pad=None if pad_videos is None else pad)
+                         pad=None if pad_videos is None else pad, actions=actions)
 
 
-def training_example(videos, pad_videos, max_frames, noise_mode, num_timesteps, rng, p=None):
+def training_example(videos, pad_videos, max_frames, noise_mode, num_timesteps, rng, p=None, actions=None,
+                     pad_actions=None):
     """Everything one training step needs, for any noise mode.
 
     Returns dict(x, frame_indices, obs_mask, latent_mask, t, noisy_obs): `t` is [B] or
     [B x K], drawn from the timestep distribution `p` (None: uniform; see timestep_sampler);
     `noisy_obs` [B x K x 1 x 1 x 1] marks observed frames that must be shown noised to their
     own t (mixed mode only). `noise_mode` is one of NOISE_MODES (TrainConfig.validate checks).
+    actions, pad_actions: per-frame vectors [B x T x D] of videos and pad_videos (None: none);
+    with them the dict holds `cond` [B x K x D] too. They draw no random numbers.
     """
     B, T = videos.shape[:2]
     if noise_mode == "diffusion_forcing":
@@ -100,13 +111,13 @@ def training_example(videos, pad_videos, max_frames, noise_mode, num_timesteps, 
         latent = np.zeros((B, T), dtype=bool)
         for b, s in enumerate(starts):
             latent[b, s:s + K] = True
-        batch = gather_training_batch(videos, None, obs, latent, K, rng)
+        batch = gather_training_batch(videos, None, obs, latent, K, rng, actions)
         batch["t"] = draw_timesteps((B, K), num_timesteps, p, rng)
         batch["noisy_obs"] = torch.zeros_like(batch["obs_mask"])
         return batch
 
     obs, latent = sample_masks(B, T, max_frames, rng)
-    batch = gather_training_batch(videos, pad_videos, obs, latent, max_frames, rng)
+    batch = gather_training_batch(videos, pad_videos, obs, latent, max_frames, rng, actions, pad_actions)
     K = batch["x"].shape[1]
     if noise_mode == "fdm":
         batch["t"] = draw_timesteps(B, num_timesteps, p, rng)

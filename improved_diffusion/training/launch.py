@@ -3,6 +3,14 @@
 `train(args, default_of)` is all scripts/video_train.py does. Every flag is checked (the
 configs' `validate`, then paths and the dataset's length) before the model is built or a
 training video read, so a mistake ends in one sentence, not a traceback minutes later.
+
+Conditioning (`resolve_conditioning`): --cond_dim 0 (the default) trains an unconditional model
+even on a dataset with actions (a note says so), --cond_dim -1 conditions on the dataset's actions
+whatever their width, --cond_dim D does so after checking that D is their width. The choice is
+opt-in so that a run's meaning never changes with the dataset it reads, and resumed or FDM runs
+(whose configs have no cond_dim) stay unconditional. The resolved width is what the run saves.
+No dataset delivers class labels yet, so --num_classes / --class_cond True are refused here; the
+model and TrainLoop take labels (y) from Python.
 """
 
 import dataclasses
@@ -77,15 +85,22 @@ def resolve_and_check(train_cfg, model_cfg, diffusion_cfg):
     """
     if not train_cfg.dataset:
         train_cfg.validate()  # names the missing --dataset
+    if train_cfg.frame_skip < 1:
+        train_cfg.validate()  # names --frame_skip
+    if model_cfg.class_cond or model_cfg.num_classes:
+        flag = "--class_cond True" if model_cfg.class_cond else f"--num_classes {model_cfg.num_classes}"
+        raise ConfigError(f"{flag} conditions on class labels, but dataset '{train_cfg.dataset}' has none (no "
+                          f"dataset delivers labels yet; pass labels as y to the model and TrainLoop from Python).")
     if train_cfg.T == -1:
-        train_cfg.T = default_T(train_cfg.dataset)
+        train_cfg.T = default_T(train_cfg.dataset, train_cfg.frame_skip)
     elif train_cfg.dataset in DATASETS and DATASETS[train_cfg.dataset].T is not None:
         # A registered dataset of files has one length (generated ones have any; a folder's
         # loader leaves out videos shorter than T and fails when none is left).
-        length = DATASETS[train_cfg.dataset].T
+        length = default_T(train_cfg.dataset, train_cfg.frame_skip)
         if train_cfg.T > length:
+            skip = f" at --frame_skip {train_cfg.frame_skip}" if train_cfg.frame_skip != 1 else ""
             raise ConfigError(f"--T {train_cfg.T} is longer than the videos of dataset "
-                              f"'{train_cfg.dataset}' ({length} frames).")
+                              f"'{train_cfg.dataset}' ({length} frames{skip}).")
     if model_cfg.image_size == -1:
         model_cfg.image_size = default_image_size(train_cfg.dataset)
     if train_cfg.num_workers == -1:  # FDM: number of cores - 1
@@ -94,6 +109,29 @@ def resolve_and_check(train_cfg, model_cfg, diffusion_cfg):
     model_cfg.validate()
     diffusion_cfg.validate()
     model_cfg.channel_mult = ",".join(map(str, parse_channel_mult(model_cfg.channel_mult, model_cfg.image_size)))
+
+
+def resolve_conditioning(model_cfg, dataset, rank=0):
+    """Set --cond_dim -1 to the dataset's action width and check the conditions against the dataset.
+
+    See the module docstring for the rule. Raises ConfigError naming the flag.
+    """
+    name, width = dataset.name, dataset.action_dim
+    if model_cfg.cond_dim == -1:
+        if width is None:
+            raise ConfigError(f"--cond_dim -1 conditions on the dataset's actions, but dataset '{name}' has none.")
+        model_cfg.cond_dim = int(width)
+    elif model_cfg.cond_dim > 0:
+        if width is None:
+            raise ConfigError(f"--cond_dim {model_cfg.cond_dim} conditions each frame on an action, but dataset "
+                              f"'{name}' has no actions.")
+        if model_cfg.cond_dim != width:
+            raise ConfigError(f"--cond_dim {model_cfg.cond_dim} does not match the {width}-wide actions of dataset "
+                              f"'{name}'; pass --cond_dim -1 to use them.")
+    elif width is not None and rank == 0:
+        print(f"dataset '{name}' has actions ({width} per frame), which this unconditional model ignores; pass "
+              f"--cond_dim -1 to condition on them.", file=sys.stderr)
+    model_cfg.validate()
 
 
 def check_checkpoint_dir(run_dir):
@@ -121,11 +159,21 @@ def make_preview(train_cfg, model_cfg, diffusion_cfg, run_dir, logger):
     K = train_cfg.max_frames
     if train_cfg.sample_interval <= 0 or K < 2:
         return None
-    given = get_dataset(train_cfg.dataset, split="test", T=K // 2, image_size=model_cfg.image_size).video(0)
+    length = 2 * K
+    actions = None
+    if model_cfg.cond_dim > 0:  # the test video's own actions drive the rollout, as far as the video goes
+        length = min(2 * K, train_cfg.T)
+        given, actions = get_dataset(train_cfg.dataset, split="test", T=length, image_size=model_cfg.image_size,
+                                     frame_skip=train_cfg.frame_skip).video_and_actions(0)
+        given = given[: K // 2]
+    else:
+        given = get_dataset(train_cfg.dataset, split="test", T=K // 2, image_size=model_cfg.image_size,
+                            frame_skip=train_cfg.frame_skip).video(0)
     preview_diffusion = create_diffusion(diffusion_cfg, timestep_respacing="ddim25")
 
     def preview(step, ema_model):
-        frames = preview_rollout(ema_model, preview_diffusion, given.to(dist_util.dev()), 2 * K, K)
+        frames = preview_rollout(ema_model, preview_diffusion, given.to(dist_util.dev()), length, K,
+                                 actions=actions)
         if checkpoint_io.is_local(run_dir):
             os.makedirs(os.path.join(run_dir, "previews"), exist_ok=True)
             np.save(os.path.join(run_dir, "previews", f"step{step:06d}.npy"), frames.numpy())
@@ -159,12 +207,13 @@ def train(args, default_of):
     if saved is not None and saved.get("world_size", world_size) != world_size and rank == 0:
         print(f"run {run_id} was trained with {saved['world_size']} processes and continues with {world_size}: "
               f"the effective batch changes", file=sys.stderr)
-    saved_config = {**dataclasses.asdict(train_cfg), **dataclasses.asdict(model_cfg),
-                    **dataclasses.asdict(diffusion_cfg), "wandb_id": run_id, "world_size": world_size}
 
     # The dataset never depends on the training seed (test sets stay comparable across runs).
     dataset = get_dataset(train_cfg.dataset, split="train", T=train_cfg.T, image_size=model_cfg.image_size,
-                          on_bad_video=train_cfg.on_bad_video)
+                          on_bad_video=train_cfg.on_bad_video, frame_skip=train_cfg.frame_skip)
+    resolve_conditioning(model_cfg, dataset, rank)
+    saved_config = {**dataclasses.asdict(train_cfg), **dataclasses.asdict(model_cfg),
+                    **dataclasses.asdict(diffusion_cfg), "wandb_id": run_id, "world_size": world_size}
     torch.manual_seed(train_cfg.seed)  # the same initial weights on every rank and in every run
     model = create_model(model_cfg, diffusion_cfg.learn_sigma).to(dist_util.dev())
     diffusion = create_diffusion(diffusion_cfg, timestep_respacing="")
@@ -185,7 +234,8 @@ def train(args, default_of):
                     config=saved_config, resume=bool(args.wandb_id or args.resume_id), offline=args.unobserve)
     loop = TrainLoop(model=model, diffusion=diffusion, data=None, config=train_cfg, run_dir=run_dir,
                      saved_config=saved_config, logger=logger, start_step=start_step,
-                     preview=make_preview(train_cfg, model_cfg, diffusion_cfg, run_dir, logger))
+                     preview=make_preview(train_cfg, model_cfg, diffusion_cfg, run_dir, logger),
+                     cond_drop_prob=model_cfg.cond_drop_prob)
     if steps:
         step = loop.load_newest_readable(steps)
         logger.info(f"resuming run {run_id} from step {step}")
@@ -193,8 +243,11 @@ def train(args, default_of):
         logger.forget_after(loop.step if steps else 0)
 
     # Rank r's batch at step s is a pure function of (seed, s, r): resuming needs no data state.
+    # With conditions: (videos, their actions), the actions gathered with the frames' indices.
+    with_actions = model_cfg.cond_dim > 0
     batches = train_batches(dataset, 2 * train_cfg.batch_size, seed=train_cfg.seed, rank=rank,
-                            world_size=world_size, start_step=loop.step, num_workers=train_cfg.num_workers)
+                            world_size=world_size, start_step=loop.step, num_workers=train_cfg.num_workers,
+                            with_actions=with_actions)
     loop.data = lambda step: next(batches)
     logger.info(f"run {run_id}: {sum(p.numel() for p in model.parameters()):,} parameters, "
                 f"checkpoints in {run_dir}, {world_size} process(es), precision {loop.precision}"

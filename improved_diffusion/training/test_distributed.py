@@ -186,13 +186,14 @@ def test_timeout_comes_from_the_environment(monkeypatch):
 # ----------------------------------------------------------------------------- the worker
 
 
-def global_batches(dataset, batch_size, seed, rank=0, world_size=1, start_step=0, num_workers=0):
+def global_batches(dataset, batch_size, seed, rank=0, world_size=1, start_step=0, num_workers=0, with_actions=False):
     """train_batches' stand-in: rank r's b = batch_size // 2 videos are those of global examples r*b .. r*b+b-1.
 
     The real train_batches reads each rank's own shard, so 1 and 2 ranks see different
     videos; here the videos depend on the global example index only, as the frame masks,
     timesteps and noise already do.
     """
+    assert not with_actions, "the stand-in serves unconditional runs only"
     b = batch_size // 2
     step = start_step
     while True:

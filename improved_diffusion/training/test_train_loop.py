@@ -442,3 +442,120 @@ def test_one_non_finite_gradient_element_is_found_among_huge_finite_ones(tmp_pat
     assert loop.grads_finite()
     loop.params[-1].grad.view(-1)[0] = bad
     assert not loop.grads_finite()
+
+
+# ----------------------------------------------------------------------------- conditions
+
+
+def labelled_videos(n, first_id, T=10):
+    """Videos whose every pixel is 100 * video id + frame index, and actions (that value, frame index)."""
+    ids = torch.arange(first_id, first_id + n, dtype=torch.float32)[:, None]
+    value = 100 * ids + torch.arange(T, dtype=torch.float32)[None, :]  # [n x T]
+    videos = value[:, :, None, None, None].expand(n, T, 3, 4, 4).clone()
+    actions = torch.stack([value, torch.arange(T, dtype=torch.float32).expand(n, T)], dim=-1)
+    return videos, actions
+
+
+@pytest.mark.parametrize("noise_mode", ["fdm", "diffusion_forcing", "mixed"])
+@pytest.mark.parametrize("padded", [True, False])
+def test_actions_travel_with_their_frames_in_training_batches(noise_mode, padded):
+    """Each slot's vector is its frame's, padding frames from another video included."""
+    videos, actions = labelled_videos(4, 0)
+    pads, pad_actions = labelled_videos(4, 10)
+    batch = training_batch(videos, pads if padded else None, first_index=0, seed=1, step=3, max_frames=4,
+                           noise_mode=noise_mode, num_timesteps=100, actions=actions,
+                           pad_actions=pad_actions if padded else None)
+    assert torch.equal(batch["cond"][..., 0], batch["x"][:, :, 0, 0, 0])
+    assert torch.equal(batch["cond"][..., 1], batch["frame_indices"].float())
+    in_model = (batch["obs_mask"] + batch["latent_mask"]).view(4, -1) > 0
+    if padded and noise_mode != "diffusion_forcing":
+        assert (~in_model).any() and (batch["x"][:, :, 0, 0, 0][~in_model] >= 1000).all()  # from the pad videos
+    # Actions change nothing else.
+    plain = training_batch(videos, pads if padded else None, first_index=0, seed=1, step=3, max_frames=4,
+                           noise_mode=noise_mode, num_timesteps=100)
+    assert set(batch) - set(plain) == {"cond"} and all(torch.equal(plain[k], batch[k]) for k in plain)
+
+
+def test_conditions_are_dropped_per_example_from_its_own_generator():
+    videos, actions = labelled_videos(8, 0)
+    pads, pad_actions = labelled_videos(8, 10)
+    kwargs = dict(seed=2, step=5, max_frames=4, noise_mode="mixed", num_timesteps=100)
+    labels = torch.arange(8) % 3
+    whole = training_batch(videos, pads, first_index=0, actions=actions, pad_actions=pad_actions, labels=labels,
+                           cond_drop_prob=0.5, **kwargs)
+    halves = [training_batch(videos[:4], pads[:4], first_index=0, actions=actions[:4], pad_actions=pad_actions[:4],
+                             labels=labels[:4], cond_drop_prob=0.5, **kwargs),
+              training_batch(videos[4:], pads[4:], first_index=4, actions=actions[4:], pad_actions=pad_actions[4:],
+                             labels=labels[4:], cond_drop_prob=0.5, **kwargs)]
+    for key, value in whole.items():
+        assert torch.equal(value, torch.cat([h[key] for h in halves])), key
+    assert whole["drop_cond"].dtype == torch.bool and 0 < int(whole["drop_cond"].sum()) < 8
+    assert torch.equal(whole["y"], labels)
+    kept = training_batch(videos, pads, first_index=0, actions=actions, pad_actions=pad_actions, labels=labels,
+                          **kwargs)
+    assert "drop_cond" not in kept and all(torch.equal(kept[k], whole[k]) for k in kept)  # masks, t, noise unchanged
+    # About a fraction p of many examples is dropped.
+    many = torch.cat([training_batch(videos, None, first_index=0, actions=actions, cond_drop_prob=0.1,
+                                     **{**kwargs, "step": s})["drop_cond"] for s in range(40)])
+    assert 0.04 < many.float().mean() < 0.18
+
+
+def test_the_train_loop_gives_the_model_the_conditions_of_its_examples(tmp_path, monkeypatch, one_thread):
+    """Actions from bouncing_balls_actions reach the model gathered by frame index; labels and drop flags too."""
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    cfg = TrainConfig(batch_size=2, max_frames=4, T=10, save_interval=1000, log_interval=1, ema_rate="0.9",
+                      max_steps=2)
+    model = create_model(ModelConfig(image_size=16, num_channels=32, num_res_blocks=1, channel_mult="1,2",
+                                     attention_resolutions="8", num_heads=2, cond_dim=5, num_classes=3,
+                                     cond_drop_prob=0.5))
+    dataset = get_dataset("bouncing_balls_actions", T=10, image_size=16)
+    batches = train_batches(dataset, 4, seed=0, with_actions=True)
+    seen = {}
+
+    def data(step):
+        videos, actions = next(batches)
+        seen[step] = (videos, actions)
+        return videos, actions, torch.tensor([0, 2, 1, 1])
+
+    calls = []
+    model.register_forward_pre_hook(lambda module, args, kwargs: calls.append(kwargs), with_kwargs=True)
+    loop = TrainLoop(model=model, diffusion=create_diffusion(DiffusionConfig(diffusion_steps=50)), data=data,
+                     config=cfg, run_dir=str(tmp_path), saved_config={"ema_rate": "0.9"},
+                     logger=Logger(log_dir=str(tmp_path), rank=0), cond_drop_prob=0.5)
+    padding = 0
+    for step in (0, 1, 2):
+        loop.step = step
+        loop.run_step()
+        kwargs = calls[step]
+        videos, actions = seen[step]
+        expected = training_batch(videos[:2], videos[2:], first_index=0, seed=0, step=step, max_frames=4,
+                                  noise_mode="fdm", num_timesteps=50, actions=actions[:2], pad_actions=actions[2:],
+                                  labels=torch.tensor([0, 2]), cond_drop_prob=0.5)
+        for key in ("cond", "y", "drop_cond", "frame_indices"):
+            assert torch.equal(kwargs[key], expected[key]), key
+        assert kwargs["cond"].shape == (2, 4, 5) and (kwargs["cond"].sum(-1) == 1).all()  # one-hot per slot
+        padding += int((kwargs["obs_mask"] + kwargs["latent_mask"] == 0).sum())
+    assert padding  # some slots hold frames of the padding videos, with those videos' actions
+    # Once the zero-initialised layers after the embeddings have moved (two steps), every conditioning
+    # weight learns: at step 2 one example keeps its conditions and one is dropped.
+    assert calls[-1]["drop_cond"].tolist() == [False, True]
+    for name, p in model.conditioning.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_a_resumed_conditional_run_is_bitwise_the_same_run(tmp_path):
+    """Actions and conditions dropped at random (cond_drop_prob 0.5) repeat exactly after a resume."""
+    cond_run = [a if a != "bouncing_balls" else "bouncing_balls_actions" for a in RUN] + [
+        "--cond_dim", "-1", "--cond_drop_prob", "0.5"]
+    straight = train(tmp_path, cond_run + ["--max_steps", "4", "--checkpoint_dir", tmp_path / "straight"])
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    ckpt = tmp_path / "ckpt"
+    first = train(tmp_path, cond_run + ["--max_steps", "2", "--checkpoint_dir", ckpt])
+    assert first.returncode == 0, first.stderr[-3000:]
+    run_dir = only_run(ckpt)
+    second = train(tmp_path, ["--wandb_id", run_dir.name, "--max_steps", "4", "--checkpoint_dir", ckpt])
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert_bitwise_equal(only_run(tmp_path / "straight"), run_dir)
+    saved = read_checkpoint_file(str(run_dir / "ema_0.9_000004.pt"))
+    assert (saved["config"]["cond_dim"], saved["config"]["cond_drop_prob"], saved["config"]["frame_skip"]) == (5, 0.5, 1)
+    assert "conditioning.null_cond_emb" in saved["state_dict"]

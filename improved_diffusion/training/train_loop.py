@@ -23,6 +23,12 @@ stay float32. fp16 also scales the loss (torch.amp.GradScaler): a step whose sca
 overflow is skipped and the scale halved, which is the scaler working, not a non-finite step.
 --compile True trains through torch.compile(network) (compile_network); EMAs and checkpoints use
 the uncompiled model, so their state_dict keys are the plain ones.
+
+Conditions: `data(step)` may return (videos, actions, labels) instead of videos, actions being
+[2B x T x D] per-frame vectors (or None) and labels [2B] class labels (or None). Actions are
+gathered with the frames' indices (frame_masks.py); labels go with their video. With
+cond_drop_prob p > 0 each example's conditions are replaced by the model's null ones with
+probability p, drawn from the example's own generator after its masks, so a resumed run repeats it.
 """
 
 import copy
@@ -85,6 +91,9 @@ class TrainConfig:
         "checkpoints stay float32; fp16 also scales the loss (FDM's --use_fp16 True means fp16)")})
     compile: bool = field(default=False, metadata={"help": (
         "train through torch.compile(network) (the first steps compile; checkpoints are unchanged)")})
+    frame_skip: int = field(default=1, metadata={"help": (
+        "keep every k-th frame of the dataset's videos, with the action of each kept frame (dmlab and minecraft, "
+        "as Diffusion Forcing; the default --T becomes the episode length // k)")})
 
     def validate(self):
         """Raise ConfigError naming the first flag that training cannot run with (cheap: no files read).
@@ -93,7 +102,7 @@ class TrainConfig:
         """
         if not self.dataset:
             raise ConfigError("--dataset is required: a registered dataset name or a folder of videos.")
-        for name in ("batch_size", "log_interval", "save_interval", "max_frames", "max_nonfinite_steps"):
+        for name in ("batch_size", "log_interval", "save_interval", "max_frames", "max_nonfinite_steps", "frame_skip"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name} must be a positive integer, got {getattr(self, name)}.")
         for name in ("lr_anneal_steps", "max_steps", "keep_last", "seed", "warmup_steps"):
@@ -210,23 +219,47 @@ def collate(examples):
     return batch
 
 
-def training_batch(videos, pad_videos, first_index, seed, step, max_frames, noise_mode, num_timesteps, p=None):
+def training_batch(videos, pad_videos, first_index, seed, step, max_frames, noise_mode, num_timesteps, p=None,
+                   actions=None, pad_actions=None, labels=None, cond_drop_prob=0.0):
     """One rank's training examples: frames, masks, timesteps and noise, example j being global example first_index + j.
 
     videos, pad_videos: [B x T x C x H x W] (pad_videos None: no padding frames); p: the
     timestep distribution (None: uniform). Returns training_example's dict plus `noise`
     and `obs_noise` (like `x`) and `weights`, the importance weights of `t` (like `t`).
+    Conditions: actions, pad_actions [B x T x D] (each slot gets its frame's vector, `cond`
+    [B x K x D]), labels [B] (`y`); cond_drop_prob > 0 adds `drop_cond` [B] bool, True with that
+    probability per example. Classifier-free guidance samples the unconditional branch with
+    every condition of a video null at once, so conditions are dropped per video (all frames'
+    vectors and the label together): exactly the input the guided sampler shows the model.
     """
     examples = []
     for j in range(len(videos)):
         rng, torch_gen = example_generators(seed, step, first_index + j)
         pad = None if pad_videos is None else pad_videos[j: j + 1]
-        example = training_example(videos[j: j + 1], pad, max_frames, noise_mode, num_timesteps, rng, p)
+        example = training_example(
+            videos[j: j + 1], pad, max_frames, noise_mode, num_timesteps, rng, p,
+            actions=None if actions is None else actions[j: j + 1],
+            pad_actions=None if actions is None or pad_actions is None else pad_actions[j: j + 1])
         example["noise"] = torch.randn(example["x"].shape, generator=torch_gen)
         example["obs_noise"] = torch.randn(example["x"].shape, generator=torch_gen)
         example["weights"] = importance_weights(example["t"], p)
+        if labels is not None:
+            example["y"] = torch.as_tensor(labels[j: j + 1], dtype=torch.long)
+        if cond_drop_prob > 0:  # drawn after every other draw of the example: its masks are unchanged
+            example["drop_cond"] = torch.tensor([bool(rng.random() < cond_drop_prob)])
         examples.append(example)
     return collate(examples)
+
+
+CONDITION_KEYS = ("cond", "y", "drop_cond")  # a training batch's entries that go to the model as they are
+
+
+def split_data(item):
+    """(videos, actions, labels) of what `data(step)` returned: videos alone or a tuple of two or three."""
+    if not isinstance(item, (tuple, list)):
+        return item, None, None
+    videos, actions, labels = (*item, None, None)[:3]
+    return videos, actions, labels
 
 
 def update_ema(target_params, source_params, rate):
@@ -266,7 +299,7 @@ class TrainLoop:
     """
 
     def __init__(self, *, model, diffusion, data, config: TrainConfig, run_dir, saved_config, logger,
-                 device=None, start_step=0, preview=None):
+                 device=None, start_step=0, preview=None, cond_drop_prob=0.0):
         self.model = model
         self.diffusion = diffusion
         self.data = data
@@ -284,6 +317,10 @@ class TrainLoop:
         self.last_saved_step = None
         self.nonfinite_in_a_row = 0
         self.stop_signal = None
+        self.cond_drop_prob = cond_drop_prob  # ModelConfig.cond_drop_prob: the model has null conditions when > 0
+        network_config = getattr(model, "config", None)  # what the model is conditioned on, so data can be checked
+        self.cond_dim = getattr(network_config, "cond_dim", 0)
+        self.num_classes = getattr(network_config, "num_classes", 0)
 
         self.preview = preview  # callable(step, ema_model), run on rank 0 every sample_interval steps
         self.params = list(model.parameters())
@@ -449,12 +486,19 @@ class TrainLoop:
     def run_step(self):
         """One optimizer step; returns rank 0's mean loss, or None when it was skipped for a non-finite loss."""
         torch.manual_seed(step_seed(self.cfg.seed, self.step, self.rank))  # dropout
-        videos = self.data(self.step)
+        videos, actions, labels = split_data(self.data(self.step))
+        if (self.cond_dim and actions is None) or (self.num_classes and labels is None):
+            raise ValueError(f"the model is conditioned on {'actions' if self.cond_dim else 'labels'}, but data(step) "
+                             f"gave none: it must return (videos, actions, labels).")
         B = self.cfg.batch_size
-        batch = training_batch(videos[:B], videos[B:] if self.cfg.pad_with_random_frames else None,
+        pad = self.cfg.pad_with_random_frames
+        batch = training_batch(videos[:B], videos[B:] if pad else None,
                                first_index=self.rank * B, seed=self.cfg.seed, step=self.step,
                                max_frames=self.cfg.max_frames, noise_mode=self.cfg.noise_mode,
-                               num_timesteps=self.diffusion.num_timesteps, p=self.schedule_sampler.probabilities())
+                               num_timesteps=self.diffusion.num_timesteps, p=self.schedule_sampler.probabilities(),
+                               actions=None if actions is None else actions[:B],
+                               pad_actions=None if actions is None or not pad else actions[B:],
+                               labels=None if labels is None else labels[:B], cond_drop_prob=self.cond_drop_prob)
         for group in self.opt.param_groups:
             group["lr"] = self.lr_at(self.step)
         self.opt.zero_grad(set_to_none=True)
@@ -554,7 +598,7 @@ class TrainLoop:
         # Loss on every frame that is not observed: latent and padding frames (FDM).
         loss_mask = 1 - obs_mask if self.cfg.pad_with_random_frames else latent_mask
         model_kwargs = {"x0": x0, "frame_indices": part["frame_indices"], "obs_mask": obs_mask,
-                        "latent_mask": latent_mask}
+                        "latent_mask": latent_mask, **{k: part[k] for k in CONDITION_KEYS if k in part}}
         B, K = loss_mask.shape[:2]
         # SNR loss weights (diffusion/loss_weights): clean observed frames are known; the running
         # SNR goes over the example's own frames (observed and latent), not over padding frames.
