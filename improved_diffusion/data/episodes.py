@@ -105,13 +105,7 @@ class EpisodeDataset(FileDataset):
 
     def _stored_actions(self, path):
         """The integer action of every usable frame of an episode, frame t's first (see the module docstring)."""
-        try:
-            with np.load(path, allow_pickle=False) as data:
-                actions = np.asarray(data["actions"])
-        except KeyError:
-            raise DatasetError(f"Episode file {path} has no 'actions' array.") from None
-        except Exception as e:
-            raise DatasetError(f"Could not read episode file {path} ({_one_line(e)}).") from e
+        actions = _npz_array(path, "actions")
         if actions.ndim != 1 or not np.issubdtype(actions.dtype, np.integer):
             raise DatasetError(f"Episode file {path} must hold integer actions of shape [T], got {actions.dtype} {actions.shape}.")
         return actions[1:] if self.name == "minecraft" else actions
@@ -120,13 +114,7 @@ class EpisodeDataset(FileDataset):
         """uint8 [span x H x W x 3] frames start .. start + span - 1 of an episode with num_actions usable frames."""
         if self.name == "dmlab":
             path = cached_copy(source, self.source_root)
-            try:
-                with np.load(path, allow_pickle=False) as data:
-                    video = np.asarray(data["video"])
-            except KeyError:
-                raise DatasetError(f"Episode file {path} has no 'video' array.") from None
-            except Exception as e:
-                raise DatasetError(f"Could not read episode file {path} ({_one_line(e)}).") from e
+            video = _npz_array(path, "video")
             if video.dtype != np.uint8 or video.ndim != 4 or video.shape[-1] != 3:
                 raise DatasetError(f"Episode file {path} must hold a uint8 video [T x H x W x 3], got {video.dtype} {video.shape}.")
             if len(video) != num_actions:
@@ -163,3 +151,13 @@ class _EpisodeLengths:
             self._known[i] = len(self.dataset._stored_actions(path)) // self.dataset.frame_skip
         return self._known[i]
 
+
+def _npz_array(path, key):
+    """Array `key` of the .npz episode file at `path`; a missing key or unreadable file is one DatasetError."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return np.asarray(data[key])
+    except KeyError:
+        raise DatasetError(f"Episode file {path} has no {key!r} array.") from None
+    except Exception as e:
+        raise DatasetError(f"Could not read episode file {path} ({_one_line(e)}).") from e
