@@ -10,7 +10,12 @@ report.html show a table of metrics, wall time and network evaluations per schem
 plots (on bouncing_balls and cue_recall also the on-manifold curve, with the last-quarter on-manifold
 fraction and the median time to drift in the table), plan pictures and frame strips (improved_diffusion.evaluation.compare.compare_schemes). Every
 scheme gets the same n_obs (default max_frames - max_latent_frames), so all are conditioned on the
-same frames. --precision, --compile, --batch_invariant and --kv_cache are video_sample.py's.
+same frames. --precision, --compile, --batch_invariant, --kv_cache, --guidance_scale, --actions and
+--uncond are video_sample.py's. A scheme may carry its own settings, so one report can hold a scheme
+at several of them:
+
+    python scripts/compare_schemes.py <checkpoint> --T 80 \
+        --schemes autoreg,stabilized-autoreg:stabilization_level=15,stabilized-autoreg:stabilization_level=50
 """
 
 import argparse
@@ -23,6 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from improved_diffusion import cli  # noqa: E402
 from improved_diffusion.evaluation.compare import DEFAULT_SCHEMES, compare_schemes  # noqa: E402
 from improved_diffusion.evaluation.evaluate import METRICS  # noqa: E402
+from improved_diffusion.evaluation.on_manifold import TOLERANCES  # noqa: E402
+from improved_diffusion.evaluation.report import SCHEME_OVERRIDES  # noqa: E402
 from improved_diffusion.sampling.run import add_model_call_flags  # noqa: E402
 
 
@@ -30,7 +37,9 @@ def create_argparser():
     p = cli.ArgumentParser(prog="compare_schemes.py", description=__doc__,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint_path")
-    p.add_argument("--schemes", default=DEFAULT_SCHEMES, help="comma-separated sampling scheme names")
+    p.add_argument("--schemes", default=DEFAULT_SCHEMES,
+                   help="comma-separated sampling schemes, each a name with optional :setting=value overrides "
+                        f"({', '.join(SCHEME_OVERRIDES)})")
     p.add_argument("--n_videos", type=int, default=8, help="test videos 0..n_videos-1 are sampled by every scheme")
     p.add_argument("--T", type=int, default=-1, help="length of the sampled videos (-1: the training T)")
     p.add_argument("--n_obs", type=int, default=-1, help="given frames (-1: max_frames - max_latent_frames)")
@@ -41,8 +50,14 @@ def create_argparser():
                    help="default False; with --df_config, True when the DF config samples fewer levels than its steps")
     p.add_argument("--batch_size", type=int, default=8)
     add_model_call_flags(p)
+    p.add_argument("--guidance_scale", type=float, default=1.0,
+                   help="classifier-free guidance scale of every scheme (a conditional checkpoint; 1 = off)")
+    p.add_argument("--actions", default=None, help="T x D (or T integers) .npy file of actions driving every video")
+    p.add_argument("--uncond", type=cli.str2bool, default=False, help="sample with the null condition alone")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--metrics", default="", help=f"comma-separated, from {','.join(METRICS)} (default: all that apply)")
+    p.add_argument("--on_manifold_tolerance", default="generator", choices=list(TOLERANCES),
+                   help="how close to the generator a frame must be for on_manifold (see video_eval.py)")
     p.add_argument("--i3d_path", default=None, help="TorchScript I3D (StyleGAN-V's i3d_torchscript.pt), for FVD")
     p.add_argument("--out_dir", default=None, help="default: results/<run>/<checkpoint>/compare_schemes")
     p.add_argument("--df_config", default=None,

@@ -123,6 +123,11 @@ def test_a_rerun_resumes_without_sampling_again(checkpoint, compared, capsys):
     (["--n_videos", "101"], "--n_videos 101 exceeds the 100 test videos"),
     (["--metrics", "fvd", "--i3d_path", "no/i3d.pt"], "--i3d_path no/i3d.pt is not a file"),
     (["--T", "-3"], "--T must be at least 1"),
+    (["--schemes", "autoreg:stabilization_level=x"], "stabilization_level must be int, got 'x'"),
+    (["--schemes", "autoreg,stabilized-autoreg:stabilization_level=2000"],
+     "Scheme stabilized-autoreg:stabilization_level=2000: "),
+    (["--guidance_scale", "3"], "Scheme autoreg: --guidance_scale 3 needs a conditional model"),
+    (["--uncond", "True"], "Scheme autoreg: --uncond True"),
 ])
 def test_impossible_settings_fail_before_sampling(checkpoint, tmp_path, capsys, argv, message):
     code, _, err = run(capsys, checkpoint, "--T", "8", *argv, "--out_dir", tmp_path / "out")
@@ -135,6 +140,19 @@ def test_other_settings_in_the_same_out_dir_are_refused(checkpoint, compared, ca
     assert code == 2 and "made with T=8, not 10" in err and err.count("\n") == 1, err
     code, _, err = run(capsys, checkpoint, *ARGS, "--precision", "bf16", "--out_dir", compared)
     assert code == 2 and "made with precision='fp32', not 'bf16'" in err and err.count("\n") == 1, err
+
+
+def test_one_scheme_at_several_settings(checkpoint, tmp_path, capsys):
+    """Each spec samples with its own settings into its own folder, and the report has a row per spec."""
+    specs = ["stabilized-autoreg:stabilization_level=3", "stabilized-autoreg:stabilization_level=40"]
+    code, out, err = run(capsys, checkpoint, "--schemes", ",".join(specs), "--n_videos", "1", "--T", "8",
+                         "--timestep_respacing", "4", "--metrics", "psnr", "--out_dir", tmp_path)
+    assert code == 0, err
+    levels = [json.loads((tmp_path / f"stabilized-autoreg_stabilization_level={k}" / "sampling_config.json")
+                         .read_text())["stabilization_level"] for k in (3, 40)]
+    assert levels == [3, 40]
+    report_md = (tmp_path / "report.md").read_text()
+    assert all(f"| {spec} |" in report_md for spec in specs), report_md
 
 
 class StopSampling(BaseException):

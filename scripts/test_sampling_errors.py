@@ -170,6 +170,7 @@ VIDEO_SAMPLE_FLAGS = [
     (["--actions", FILE + "good.npy"], "--actions"),
     (["--label", "1"], "--label 1"),
     (["--uncond", "maybe"], "--uncond"),
+    (["--uncond", "True"], "unconditional already"),
 ]
 if not torch.cuda.is_available():
     VIDEO_SAMPLE_FLAGS.append((["--device", "cuda"], "--device"))

@@ -342,3 +342,18 @@ def test_download_script_resumes(tmp_path):
     result = run_script("datasets/dmlab/download.sh", env)
     assert result.returncode == 0, result.stderr
     assert (out / "test" / "0" / "0.npz").is_file() and (out / ".complete").is_file()
+
+
+@pytest.mark.parametrize("frame_skip", [1, 2])
+def test_ground_truth_reads_the_runs_frame_skip(tmp_path, frame_skip):
+    """Evaluation compares samples with the frames the model saw: every frame_skip-th, actions alike."""
+    from improved_diffusion.evaluation.ground_truth import GroundTruth
+
+    stored = make_dmlab(tmp_path, {"train": 1, "test": 2}, length=21)
+    config = {"dataset": "dmlab", "image_size": SIZE, "n_obs": 2, "frame_skip": frame_skip}
+    truth = GroundTruth(config, data_root=tmp_path)
+    video = truth.video(1, 100)  # the whole episode
+    assert len(video) == 21 // frame_skip
+    assert video[:, 0, 0, 0].tolist() == list(range(0, frame_skip * len(video), frame_skip))
+    actions = truth.actions(1, 5)
+    assert np.array_equal(actions.argmax(axis=1), stored[("test", "1/1.npz")][:5 * frame_skip:frame_skip])

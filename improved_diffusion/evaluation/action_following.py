@@ -28,6 +28,7 @@ from ..data.bouncing_balls import DEFAULT_RADIUS
 from ..data.bouncing_balls_actions import CONTROLLED_COLOUR, DOWN, LEFT, NONE, NUM_ACTIONS, RIGHT, UP, step_pixels
 from .metrics import to_pixel_scale
 
+DATASET = "bouncing_balls_actions"  # the dataset whose videos this metric reads
 COLOUR_TOLERANCE = 48.0  # largest channel difference from white, in 0..255
 MIN_AREA_FRACTION = 0.25  # of the ball's nominal area pi r^2
 NOT_FOUND = -1  # observed_moves' answer when the ball is missing from either frame

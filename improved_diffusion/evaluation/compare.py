@@ -6,7 +6,10 @@ and report.md / report.html are written (report.py). Every scheme gets the same 
 max_frames - max_latent_frames), so all are conditioned on the same frames. All settings, and
 every scheme, are checked before anything is sampled. A Diffusion Forcing checkpoint needs
 `df_config` (DF's config); every scheme then samples with DF's sampler settings, as in
-`sampling.run.sample_dataset`, which also takes `precision`, `compile`, `batch_invariant` and `kv_cache` from here.
+`sampling.run.sample_dataset`, which also takes `precision`, `compile`, `batch_invariant`, `kv_cache`
+and a conditional checkpoint's `guidance_scale`, `actions` and `uncond` from here. A scheme may be
+given with its own settings, "stabilized-autoreg:stabilization_level=50" (report.scheme_overrides),
+so one comparison holds a scheme at several settings; its samples go to <out_dir>/<spec, ':' as '_'>/.
 """
 
 import os
@@ -18,9 +21,11 @@ from ..data.datasets import get_dataset
 from ..errors import ConfigError, UserError
 from ..precision import check_precision
 from ..sampling.run import (DEFAULT, check_folder, checkpoint_config, default_eval_dir, sample_dataset,
-                            sampler_defaults, scheme_for_checkpoint, size_flag)
+                            sampler_defaults, sampling_conditions, scheme_for_checkpoint, size_flag)
 from .evaluate import parse_metrics
-from .report import check_settings_file, evaluate_schemes, load_runs, parse_schemes, sample_schemes, write_report
+from .on_manifold import TOLERANCES
+from .report import (check_settings_file, evaluate_schemes, load_runs, parse_schemes, sample_schemes,
+                     scheme_overrides, write_report)
 
 DEFAULT_SCHEMES = "autoreg,long-range,hierarchy-2,df-pyramid"
 
@@ -28,12 +33,15 @@ DEFAULT_SCHEMES = "autoreg,long-range,hierarchy-2,df-pyramid"
 def compare_schemes(checkpoint_path, schemes=DEFAULT_SCHEMES, *, n_videos=8, T=DEFAULT, n_obs=DEFAULT,
                     max_frames=DEFAULT, max_latent_frames=DEFAULT, timestep_respacing="", use_ddim=None,
                     batch_size=8, seed=0, metrics="", i3d_path=None, out_dir=None, df_config=None, precision="fp32",
-                    compile=False, batch_invariant=False, kv_cache=None):
+                    compile=False, batch_invariant=False, kv_cache=None, guidance_scale=1.0, actions=None,
+                    uncond=False, on_manifold_tolerance="generator"):
     """Sample, score and report each scheme of the comma-separated `schemes`; returns (report.md, report.html).
 
     use_ddim None: the checkpoint config's choice (a DF config's), else False. precision, compile,
-    batch_invariant, kv_cache: as `sample_dataset`'s; precision is a setting of out_dir (samples of different
-    precisions are not mixed), compile, batch_invariant and kv_cache are not. Under MPI every rank calls this
+    batch_invariant, kv_cache, guidance_scale, actions, uncond: as `sample_dataset`'s (a scheme spec may set
+    its own guidance_scale); precision and the conditions are settings of out_dir (samples made
+    differently are not mixed), compile, batch_invariant and kv_cache are not. on_manifold_tolerance: a name
+    of on_manifold.TOLERANCES (scoring only). Under MPI every rank calls this
     and samples its share; rank 0 scores and writes the report (other ranks return None).
     """
     had_process_group = dist.is_initialized()
@@ -54,16 +62,23 @@ def compare_schemes(checkpoint_path, schemes=DEFAULT_SCHEMES, *, n_videos=8, T=D
     n_obs = size_flag("n_obs", n_obs, K - (S or K // 2), minimum=0)
     scheme_args = dict(T=T, n_obs=n_obs, max_frames=max_frames, max_latent_frames=max_latent_frames,
                        timestep_respacing=timestep_respacing, use_ddim=use_ddim)
-    for name in names:
+    conditions = dict(actions=actions, uncond=bool(uncond))
+    for spec in names:
+        preset, overrides = scheme_overrides(spec)
+        overrides.setdefault("guidance_scale", guidance_scale)
         try:
-            scheme = scheme_for_checkpoint(config, name, **scheme_args)
+            scheme = scheme_for_checkpoint(config, preset, **scheme_args, **overrides)
+            sampling_conditions(config, checkpoint_path, **conditions, guidance_scale=overrides["guidance_scale"])
         except UserError as e:
-            raise type(e)(f"Scheme {name}: {e}") from None
+            raise type(e)(f"Scheme {spec}: {e}") from None
     dataset = config.get("dataset") or "bouncing_balls"
     n_test = len(get_dataset(dataset, split="test", T=max(n_obs, 1), image_size=int(config["image_size"])))
     if n_videos > n_test:
         raise ConfigError(f"--n_videos {n_videos} exceeds the {n_test} test videos of {dataset}.")
     metric_names = parse_metrics(metrics, config.get("dataset"), have_i3d=bool(i3d_path))
+    if on_manifold_tolerance not in TOLERANCES:
+        raise ConfigError(f"--on_manifold_tolerance must be one of {', '.join(TOLERANCES)}, "
+                          f"got {on_manifold_tolerance!r}.")
     if "fvd" in metric_names and n_videos < 2:
         raise ConfigError(f"FVD needs at least 2 videos; pass --n_videos 2 or more (got {n_videos}).")
     if i3d_path is not None and not os.path.isfile(i3d_path):
@@ -73,23 +88,30 @@ def compare_schemes(checkpoint_path, schemes=DEFAULT_SCHEMES, *, n_videos=8, T=D
     settings = dict(checkpoint=os.path.abspath(checkpoint_path), T=scheme.T,  # every scheme has the same T
                     n_obs=n_obs, max_frames=K, max_latent_frames=S, timestep_respacing=timestep_respacing,
                     use_ddim=use_ddim, seed=seed, precision=precision)
+    if actions is not None or uncond:  # only then, so older comparisons' settings still match
+        settings.update(actions=None if actions is None else os.path.abspath(actions), uncond=bool(uncond))
+    if guidance_scale != 1.0:
+        settings["guidance_scale"] = guidance_scale
     if df_config is not None:
         settings["df_config"] = df_config if isinstance(df_config, dict) else os.path.abspath(df_config)
     rank, _ = dist_util.setup_dist()
     check_settings_file(out_dir, settings, write=rank == 0)
 
     # ---- sample every scheme (each rank its share of the videos)
-    def sample(name, eval_dir):
-        sample_dataset(checkpoint_path, name, eval_dir=eval_dir, stop_index=n_videos, batch_size=batch_size,
+    def sample(spec, eval_dir):
+        preset, overrides = scheme_overrides(spec)
+        overrides.setdefault("guidance_scale", guidance_scale)
+        sample_dataset(checkpoint_path, preset, eval_dir=eval_dir, stop_index=n_videos, batch_size=batch_size,
                        seed=seed, df_config=df_config, precision=precision, compile=compile,
-                       batch_invariant=batch_invariant, kv_cache=kv_cache, **scheme_args)
+                       batch_invariant=batch_invariant, kv_cache=kv_cache, **conditions, **scheme_args, **overrides)
 
     sample_schemes(names, sample, out_dir, n_videos)
 
     # ---- score and report (rank 0)
     paths = None
     if rank == 0:
-        results = evaluate_schemes(names, out_dir, metric_names, i3d_path, n_videos)
+        results = evaluate_schemes(names, out_dir, metric_names, i3d_path, n_videos,
+                                   on_manifold_tolerance=on_manifold_tolerance)
         paths = write_report(out_dir, names, results, load_runs(out_dir), settings)
     if dist.is_initialized() and not had_process_group:  # gloo may abort at exit if its group is left open
         dist_util.barrier()

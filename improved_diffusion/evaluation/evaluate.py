@@ -9,7 +9,10 @@ overall value is the mean over the *generated* frames (n_obs..T-1) only: the obs
 copies of the ground truth (infinite PSNR) and would say nothing about the sampler. The on-manifold
 metric (bouncing_balls and cue_recall, on_manifold.py) gives the fraction of videos whose frame is
 still a valid frame of the dataset per frame index, and overall the fraction over the last quarter of
-the frames and the median time to drift. Video metrics (FVD, cue recall) use whole videos; WD and PO (CARLA, see carla_coords.py) use the
+the frames and the median time to drift. Action following (bouncing_balls_actions,
+action_following.py) is the fraction of generated moves of the controlled ball that match the
+actions the sampler was given: the run's --actions file, else each test video's own actions (also for
+--uncond samples, which then score near chance). Video metrics (FVD, cue recall) use whole videos; WD and PO (CARLA, see carla_coords.py) use the
 regressed positions of whole videos. `evaluate_eval_dir` writes everything to `metrics.json`
 (non-finite numbers as JSON's Infinity / NaN, which Python's json reads back) and one PNG per
 per-frame metric.
@@ -23,9 +26,11 @@ import numpy as np
 import torch
 
 from ..data import cue_recall as cue
+from ..data.actions import read_actions_file
 from ..data.datasets import dataset_folder
 from ..errors import ConfigError, EvalError
 from ..results import read_sampling_config, write_json_atomic
+from . import action_following as following
 from . import carla_coords
 from . import on_manifold as manifold
 from .ground_truth import GroundTruth
@@ -33,14 +38,16 @@ from .metrics import MetricUnavailable, fvd, load_i3d, load_lpips, lpips_distanc
 from .plots import plot_per_frame
 from ..results import find_samples, read_sample
 
-METRICS = ("psnr", "ssim", "lpips", "fvd", "cue_recall", "on_manifold", "wd", "po")
+METRICS = ("psnr", "ssim", "lpips", "fvd", "cue_recall", "on_manifold", "action_following", "wd", "po")
 PER_FRAME_METRICS = ("psnr", "ssim", "lpips")  # on_manifold is per frame too, but of its own kind
 CARLA_METRICS = ("wd", "po")  # need the CARLA classifier and regressor (carla_coords.py)
 CARLA_DATASET = "carla_no_traffic"
 HIGHER_IS_BETTER = {"psnr": True, "ssim": True, "lpips": False, "fvd": False, "cue_recall": True, "wd": False,
-                    "po": False, "on_manifold": True, "on_manifold_last_quarter": True, "time_to_drift": True}
+                    "po": False, "action_following": True, "on_manifold": True, "on_manifold_last_quarter": True, "time_to_drift": True}
 ON_MANIFOLD_ONLY = ("on_manifold applies to the {} datasets, whose generators define valid frames, "
                     "not to {!r}; leave it out of --metrics.")
+ACTION_FOLLOWING_ONLY = ("action_following applies to the {} dataset, whose generator moves a ball by the "
+                        "actions, not to {!r}; leave it out of --metrics.")
 FVD_NEEDS_I3D = "FVD needs the I3D network: pass --i3d_path i3d_torchscript.pt (from StyleGAN-V)."
 CARLA_NEEDS_MODELS = ("WD and PO need the CARLA coordinate networks: pass --carla_classifier PATH and "
                       "--carla_regressor PATH (FDM's classifier_checkpoint.pth and regressor_checkpoint.pth).")
@@ -87,6 +94,26 @@ def load_pairs(eval_dir, config, max_videos=None, data_root=None, sample_idx=Non
     return names, np.stack(samples), np.stack([g[:t] for g in truths]), notes
 
 
+def given_actions(config, eval_dir, T, data_root=None, max_videos=None, sample_idx=None):
+    """The actions each sample was driven by, [N x T x D] (or [N x T] integers), in sample order.
+
+    The run's --actions file for every video (its first T rows), else each test video's own
+    actions over T frames: what a conditional run used, and what an --uncond run is scored against.
+    """
+    found = find_samples(eval_dir, max_videos, sample_idx, required=True)
+    if config.get("actions_source") == "file":
+        path = config.get("actions_file")
+        try:
+            stored = read_actions_file(path)
+        except Exception as e:
+            raise EvalError(f"The actions the samples were driven by are unavailable: {e}") from None
+        if len(stored) < T:
+            raise EvalError(f"Actions file {path} holds {len(stored)} actions, fewer than the {T} frames sampled.")
+        return np.stack([stored[:T]] * len(found))
+    truth_source = GroundTruth(config, data_root)
+    return np.stack([truth_source.actions(index, T) for _, index, _ in found])
+
+
 # ---------------------------------------------------------------------------
 # Metrics
 # ---------------------------------------------------------------------------
@@ -97,7 +124,8 @@ def parse_metrics(text, dataset, have_i3d=False, have_carla=False):
 
     By default that is PSNR, SSIM and LPIPS, FVD when an I3D file is given, WD and PO when the
     CARLA networks are given, cue recall on the cue_recall dataset, and the on-manifold metric on
-    bouncing_balls and cue_recall (asked for on another dataset, it is an error).
+    bouncing_balls and cue_recall, action following on bouncing_balls_actions (asked for on another
+    dataset, either is an error).
     """
     if text:
         names = [m.strip().lower() for m in str(text).split(",") if m.strip()]
@@ -110,6 +138,8 @@ def parse_metrics(text, dataset, have_i3d=False, have_carla=False):
             raise EvalError(CARLA_NEEDS_MODELS)
         if "on_manifold" in names and dataset not in manifold.DATASETS:
             raise EvalError(ON_MANIFOLD_ONLY.format(" and ".join(manifold.DATASETS), dataset))
+        if "action_following" in names and dataset != following.DATASET:
+            raise EvalError(ACTION_FOLLOWING_ONLY.format(following.DATASET, dataset))
         return list(dict.fromkeys(names))
     names = ["psnr", "ssim", "lpips"]
     if have_i3d:
@@ -118,6 +148,8 @@ def parse_metrics(text, dataset, have_i3d=False, have_carla=False):
         names.append("cue_recall")
     if dataset in manifold.DATASETS:
         names.append("on_manifold")
+    if dataset == following.DATASET:
+        names.append("action_following")
     if have_carla:
         names.extend(CARLA_METRICS)
     return names
@@ -159,11 +191,13 @@ def load_carla(classifier_path, regressor_path, dataset, data_root=None):
 
 
 def compute_metrics(samples, truth, n_obs, metrics, dataset=None, i3d_path=None, lpips_model=None, detector=None,
-                    carla=None, fvd_batch_size=8):
+                    carla=None, fvd_batch_size=8, actions=None, on_manifold_tolerance="generator"):
     """Metrics of samples [N x T x C x H x W] against truth [N x t x C x H x W] (uint8), t <= T.
 
     Returns dict(per_frame={name: [t values]}, overall={name: value}, skipped={name: reason},
-    details={name: extra values}). `metrics` comes from `parse_metrics`; `carla` from `load_carla`.
+    details={name: extra values}). `metrics` comes from `parse_metrics`; `carla` from `load_carla`;
+    `actions` ([N x T] integers or [N x T x D]) from `given_actions`, for action following;
+    `on_manifold_tolerance` a name of on_manifold.TOLERANCES.
     """
     t = truth.shape[1]
     frames = samples[:, :t]
@@ -203,11 +237,25 @@ def compute_metrics(samples, truth, n_obs, metrics, dataset=None, i3d_path=None,
             elif name == "on_manifold":
                 if dataset not in manifold.DATASETS:
                     raise EvalError(ON_MANIFOLD_ONLY.format(" and ".join(manifold.DATASETS), dataset))
-                scores = manifold.on_manifold(frames, dataset, truth, min(n_obs, t))
+                scores = manifold.on_manifold(frames, dataset, truth, min(n_obs, t), on_manifold_tolerance)
                 result["per_frame"]["on_manifold"] = scores.pop("per_frame")
                 result["overall"]["on_manifold_last_quarter"] = scores["last_quarter_fraction"]
                 result["overall"]["time_to_drift"] = scores["median_time_to_drift"]
                 result["details"]["on_manifold"] = scores
+            elif name == "action_following":
+                if dataset != following.DATASET:
+                    raise EvalError(ACTION_FOLLOWING_ONLY.format(following.DATASET, dataset))
+                if actions is None:
+                    raise EvalError("action_following needs the actions the samples were driven by.")
+                first = max(min(n_obs, t) - 1, 0)  # the first move into a generated frame
+                if first >= t - 1:
+                    raise MetricUnavailable(f"action_following skipped: no generated move in {t} frames.")
+                scores = following.action_following(frames, actions, first=first)
+                result["overall"]["action_following"] = scores["score"]
+                result["details"]["action_following"] = dict(
+                    chance=scores["chance"], found=scores["found"], n_transitions=scores["n_transitions"],
+                    first_transition=first, ground_truth=following.action_following(truth, actions,
+                                                                                    first=first)["score"])
             elif name in CARLA_METRICS:
                 if carla is None:
                     raise EvalError(CARLA_NEEDS_MODELS)
@@ -250,7 +298,8 @@ def _fvd(frames, truth, i3d_path, detector, batch_size=8):
 
 
 def evaluate(eval_dir, metrics=None, i3d_path=None, max_videos=None, data_root=None, lpips_model=None, detector=None,
-             *, carla_classifier=None, carla_regressor=None, sample_idx=None, fvd_batch_size=8):
+             *, carla_classifier=None, carla_regressor=None, sample_idx=None, fvd_batch_size=8,
+             on_manifold_tolerance="generator"):
     """Everything metrics.json holds, for the samples in `eval_dir` (indices < max_videos if given).
 
     Every flag and file (metric names, I3D and CARLA weights, the dataset) is checked before any
@@ -262,6 +311,9 @@ def evaluate(eval_dir, metrics=None, i3d_path=None, max_videos=None, data_root=N
         raise ConfigError(f"--batch_size must be at least 1, got {fvd_batch_size}.")
     if (carla_classifier is None) != (carla_regressor is None):
         raise ConfigError(CARLA_NEEDS_MODELS)
+    if on_manifold_tolerance not in manifold.TOLERANCES:
+        raise ConfigError(f"--on_manifold_tolerance must be one of {', '.join(manifold.TOLERANCES)}, "
+                          f"got {on_manifold_tolerance!r}.")
     config = read_sampling_config(eval_dir)
     dataset = config.get("dataset")
     have_carla = carla_classifier is not None
@@ -275,8 +327,11 @@ def evaluate(eval_dir, metrics=None, i3d_path=None, max_videos=None, data_root=N
     names, samples, truth, notes = load_pairs(eval_dir, config, max_videos, data_root, sample_idx)
     n_obs = int(config.get("n_obs", 0))
     t = truth.shape[1]
+    actions = None
+    if "action_following" in names_to_compute:
+        actions = given_actions(config, eval_dir, samples.shape[1], data_root, max_videos, sample_idx)
     scores = compute_metrics(samples, truth, n_obs, names_to_compute, dataset, i3d_path, lpips_model, detector,
-                             carla, fvd_batch_size)
+                             carla, fvd_batch_size, actions, on_manifold_tolerance)
     return {
         "eval_dir": os.path.abspath(eval_dir),
         "dataset": dataset,

@@ -50,15 +50,49 @@ SETTINGS_FILE = "compare_config.json"
 # ---------------------------------------------------------------------------
 
 
+# Scheme settings a comparison may set per scheme ("stabilized-autoreg:stabilization_level=50"), with
+# the type each value is read as; the others are the comparison's and the same for every scheme.
+SCHEME_OVERRIDES = {"stabilization_level": int, "uncertainty_scale": float, "chunk_size": int,
+                    "sampling_steps": int, "noise_schedule": str, "optimality": str, "eta": float,
+                    "clip_noise": float, "stabilization": str, "guidance_scale": float}
+
+
 def parse_schemes(text):
-    """Scheme names from "a,b,c", each a registry preset, in order and without repeats."""
-    names = list(dict.fromkeys(s.strip() for s in str(text).split(",") if s.strip()))
-    if not names:
+    """Scheme specs from "a,b:key=value,c", in order and without repeats.
+
+    A spec is a registry preset, optionally followed by ":key=value" overrides of the settings in
+    SCHEME_OVERRIDES, so one comparison can hold a scheme at several settings.
+    """
+    specs = list(dict.fromkeys(s.strip() for s in str(text).split(",") if s.strip()))
+    if not specs:
         raise ConfigError("--schemes names no sampling scheme.")
-    for name in names:
-        if name not in PRESETS:
-            raise ConfigError(f"Unknown sampling scheme {name!r}; valid names are {', '.join(PRESETS)}.")
-    return names
+    for spec in specs:
+        scheme_overrides(spec)
+    return specs
+
+
+def scheme_overrides(spec):
+    """(preset name, {setting: value}) of a scheme spec "name[:key=value...]"; ConfigError if malformed."""
+    name, *pairs = [part.strip() for part in spec.split(":")]
+    if name not in PRESETS:
+        raise ConfigError(f"Unknown sampling scheme {name!r}; valid names are {', '.join(PRESETS)}.")
+    overrides = {}
+    for pair in pairs:
+        key, sep, value = (part.strip() for part in pair.partition("="))
+        if not sep or key not in SCHEME_OVERRIDES:
+            raise ConfigError(f"Scheme {spec!r}: {pair!r} is not a setting=value override; settings are "
+                              f"{', '.join(SCHEME_OVERRIDES)}.")
+        try:
+            overrides[key] = SCHEME_OVERRIDES[key](value)
+        except ValueError:
+            raise ConfigError(f"Scheme {spec!r}: {key} must be {SCHEME_OVERRIDES[key].__name__}, "
+                              f"got {value!r}.") from None
+    return name, overrides
+
+
+def scheme_folder(spec):
+    """The eval dir name of a scheme spec inside a comparison's out_dir: the spec, ':' made '_'."""
+    return spec.replace(":", "_").replace(" ", "")
 
 
 def check_settings_file(out_dir, settings, write=True):
@@ -165,7 +199,7 @@ def sample_schemes(schemes, sample_fn, out_dir, n_videos):
     runs = load_runs(out_dir) if rank == 0 else {}
     bar = tqdm(total=len(schemes) * n_videos, desc="sampling (scheme, video)", disable=rank != 0)
     for k, scheme in enumerate(schemes):
-        eval_dir = os.path.join(out_dir, scheme)
+        eval_dir = os.path.join(out_dir, scheme_folder(scheme))
         before = count_samples(eval_dir, n_videos)
         bar.set_postfix_str(scheme)
         bar.n = k * n_videos + before
@@ -197,7 +231,8 @@ def sample_schemes(schemes, sample_fn, out_dir, n_videos):
 # ---------------------------------------------------------------------------
 
 
-def evaluate_schemes(schemes, out_dir, metrics, i3d_path=None, n_videos=None, data_root=None):
+def evaluate_schemes(schemes, out_dir, metrics, i3d_path=None, n_videos=None, data_root=None,
+                     on_manifold_tolerance="generator"):
     """{scheme: evaluation result} for every scheme's eval dir; metrics.json and plots are written too."""
     lpips_model = detector = None
     if "lpips" in metrics:
@@ -209,8 +244,9 @@ def evaluate_schemes(schemes, out_dir, metrics, i3d_path=None, n_videos=None, da
         detector = load_detector(i3d_path)
     results = {}
     for scheme in schemes:
-        eval_dir = os.path.join(out_dir, scheme)
-        result = evaluate(eval_dir, ",".join(metrics), i3d_path, n_videos, data_root, lpips_model, detector)
+        eval_dir = os.path.join(out_dir, scheme_folder(scheme))
+        result = evaluate(eval_dir, ",".join(metrics), i3d_path, n_videos, data_root, lpips_model, detector,
+                          on_manifold_tolerance=on_manifold_tolerance)
         write_metrics(eval_dir, result)
         results[scheme] = result
     return results
@@ -268,7 +304,7 @@ def build_report(out_dir, schemes, results, runs, settings):
             best[m] = max(values) if HIGHER_IS_BETTER.get(m, True) else min(values)
     rows = []
     for s in schemes:
-        config = read_sampling_config(os.path.join(out_dir, s))
+        config = read_sampling_config(os.path.join(out_dir, scheme_folder(s)))
         run = runs.get(s, {})
         cells = [s, config.get("plan", ""), config.get("noise_schedule", "")]
         for m in metric_names:
@@ -282,10 +318,11 @@ def build_report(out_dir, schemes, results, runs, settings):
         rows.append(cells)
     blocks.append(("table", header, rows))
     if "time_to_drift" in metric_names:
-        frames = next(results[s]["details"]["on_manifold"]["last_quarter_frames"] for s in schemes
-                      if "on_manifold" in results[s]["details"])
+        details = next(results[s]["details"]["on_manifold"] for s in schemes if "on_manifold" in results[s]["details"])
+        frames = details["last_quarter_frames"]
         blocks.append(("p", f"on_manifold_last_quarter: the fraction of frames {frames[0]}..{frames[1]} (the last "
-                            "quarter) that are valid frames of the dataset, judged from pixels (on_manifold.py). "
+                            "quarter) that are valid frames of the dataset, judged from pixels at "
+                            f"{details.get('tolerance', 'generator')!r} tolerances (on_manifold.py). "
                             "time_to_drift: the median over videos of the first generated frame that is not; a "
                             "video that never leaves counts as its length (censored)."))
     blocks.append(("p", "sampling s: wall time of the sampling runs that produced the samples (model loading "
@@ -314,7 +351,7 @@ def build_report(out_dir, schemes, results, runs, settings):
         blocks.append(("img", os.path.relpath(path, out_dir), f"{m} per frame"))
 
     for s in schemes:
-        pictures = draw_scheme_pictures(os.path.join(out_dir, s))
+        pictures = draw_scheme_pictures(os.path.join(out_dir, scheme_folder(s)))
         blocks.append(("h2", f"Scheme {s}"))
         if pictures["plan"]:
             blocks.append(("img", os.path.relpath(pictures["plan"], out_dir), f"plan of {s}"))

@@ -281,3 +281,36 @@ def test_script_prints_overall_values_and_exits_2_without_traceback(tmp_path):
     assert bad.returncode == 2
     assert bad.stderr == f"video_eval.py: error: {tmp_path / 'missing'} does not exist; " \
                          "pass a video_sample.py output folder.\n"
+
+
+def test_action_following_scores_ground_truth_by_its_own_actions_and_files_by_theirs(tmp_path):
+    """Ground truth with its own actions scores 1; the same videos judged against an --actions file that
+    does not drive them score near that file's chance, and the file's first T rows are what is read."""
+    dataset, length = "bouncing_balls_actions", 12
+    truth = [ground_truth(i, dataset, length, seed=0) for i in range(4)]
+    own = make_eval_dir(tmp_path / "own", truth, dataset, data_seed=0, actions_source="dataset")
+    result = evaluation.evaluate_eval_dir(own)
+    assert "action_following" in result["metrics"]  # on by default for this dataset
+    details = result["details"]["action_following"]
+    assert result["overall"]["action_following"] == 1.0 and details["ground_truth"] == 1.0
+    assert details["first_transition"] == N_OBS - 1 and details["n_transitions"] == 4 * (length - N_OBS)
+    # The same videos, said to be driven by one fixed action sequence (up, then right, ...).
+    fixed = np.resize(np.array([4, 1, 4, 1, 3, 2], dtype=np.int64), 20)
+    np.save(tmp_path / "fixed.npy", fixed)
+    moves = evaluation.following.observed_moves
+    locate = evaluation.following.locate_ball
+    expected = np.mean([np.mean(moves(locate(v), SIZE)[N_OBS - 1:] == fixed[N_OBS - 1:length - 1]) for v in truth])
+    driven = make_eval_dir(tmp_path / "file", truth, dataset, data_seed=0, actions_source="file",
+                           actions_file=str(tmp_path / "fixed.npy"))
+    result = evaluation.evaluate_eval_dir(driven, metrics="action_following", max_videos=3)
+    assert result["n_videos"] == 3
+    assert result["overall"]["action_following"] < 0.6
+    full = evaluation.evaluate_eval_dir(driven, metrics="action_following")
+    assert full["overall"]["action_following"] == pytest.approx(expected)
+
+
+def test_action_following_applies_to_its_dataset_only(tmp_path):
+    eval_dir = make_eval_dir(tmp_path / "e", [ground_truth(0)])
+    with pytest.raises(EvalError, match="action_following applies to the bouncing_balls_actions dataset"):
+        evaluation.evaluate_eval_dir(eval_dir, metrics="action_following")
+    assert "action_following" not in evaluation.evaluate_eval_dir(eval_dir)["metrics"]

@@ -249,3 +249,32 @@ def test_other_datasets_and_missing_ground_truth_are_refused():
     video = chw(balls(0, 16, 4)[2])
     with pytest.raises(ValueError, match="needs the ground-truth videos"):
         om.judge_videos(video, "bouncing_balls")
+
+
+@pytest.mark.parametrize("size", [16, 32])
+@pytest.mark.parametrize("kind", ["noise", "washed_out", "extra_ball", "missing_ball", "blur"])
+def test_model_tolerances_accept_more_but_not_lost_or_added_balls_noise_or_washed_out_frames(kind, size):
+    """At "model" tolerances ground truth stays on-manifold, a faintly noisy background (a model's) is
+    accepted where "generator" refuses it, and the corruptions still fail (blur: measured, may pass)."""
+    T = 36
+    centres, colours, video = balls(0, size, T)
+    r = bb.DEFAULT_RADIUS * size
+    separate = [f for f in range(2, T) if distances(centres)[f] > 3 * r]
+    bad = separate[::4][:3]
+    rng = np.random.default_rng(1)
+    sample = video.copy()
+    for f in bad:
+        sample[f] = corrupt(kind, video[f], centres[f], colours, size, rng)
+    faint = [f for f in range(T) if f not in bad][:4]  # background noise |N(0, 12)|: mean 9.6 grey levels
+    noisy = video[faint].astype(float) + np.abs(rng.normal(0, 12, video[faint].shape)) * (video[faint] == 0)
+    sample[faint] = np.clip(noisy, 0, 255).round().astype(np.uint8)
+    model = om.judge_videos(chw(sample), "bouncing_balls", chw(video), om.TOLERANCES["model"])
+    generator = om.judge_videos(chw(sample), "bouncing_balls", chw(video))
+    assert model["on"][0, faint].all() and not generator["on"][0, faint].any()
+    clean = [f for f in range(T) if f not in bad and f not in faint]
+    assert model["on"][0, clean].all()
+    if kind != "blur":
+        assert not model["on"][0, bad].any()
+    assert om.on_manifold(chw(sample), "bouncing_balls", chw(video), tolerance="model")["tolerance"] == "model"
+    with pytest.raises(ValueError, match="Unknown on_manifold tolerance 'loose'; choose from generator, model"):
+        om.on_manifold(chw(sample), "bouncing_balls", chw(video), tolerance="loose")

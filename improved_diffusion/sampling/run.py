@@ -286,6 +286,9 @@ def sampling_conditions(config, checkpoint_path, *, actions=None, label=None, un
         if guiding:
             raise ConfigError(f"--guidance_scale {guidance_scale:g} needs a conditional model trained with "
                               f"--cond_drop_prob > 0, but checkpoint {checkpoint_path} is unconditional.")
+        if uncond:
+            raise ConfigError(f"--uncond True: checkpoint {checkpoint_path} is unconditional, so its samples are "
+                              f"unconditional already; leave the flag out.")
         return SamplingConditions("none")
     if (guiding or uncond) and not has_null:
         flag = "--uncond True" if uncond else f"--guidance_scale {guidance_scale:g}"

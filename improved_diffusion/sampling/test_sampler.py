@@ -15,6 +15,7 @@ from improved_diffusion.sampling.scheme import Scheme, StageSettings
 from improved_diffusion.script_util import DiffusionConfig, ModelConfig, UserError, create_diffusion, create_model
 from improved_diffusion.sampling.sampler import (
     sample_stage,
+    stage_levels,
     one_video_at_a_time,
     preview_rollout,
     sample_video,
@@ -420,3 +421,11 @@ def test_preview_rollout_is_autoreg_with_ddim_from_the_given_frames(unet, n_give
                        generators=[video_generator(seed or 0, 0, 0)])
     assert preview.dtype == torch.uint8 and preview.shape == (8, C, H, H)
     assert torch.equal(preview, ((out[0].clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8))
+
+
+def test_a_schedule_the_noise_levels_refuse_is_a_user_error_with_their_message():
+    settings = StageSettings(noise_schedule="full_sequence", uncertainty_scale=float("nan"))
+    with pytest.raises(UserError, match=r"^uncertainty_scale must be a finite number >= 0, got nan\.$"):
+        stage_levels(settings, 3, 100)
+    levels, S = stage_levels(StageSettings(noise_schedule="full_sequence"), 3, 100)
+    assert S == 100 and np.array_equal(levels, ns.noise_levels("full_sequence", 3, 100, 1.0))

@@ -210,3 +210,30 @@ def test_small_observed_noise_levels_are_the_first_tenth_of_the_chain(N, levels)
     B, K = ex["x"].shape[:2]
     noisy = ex["noisy_obs"].view(B, K) > 0
     assert set(ex["t"][noisy].tolist()) == levels
+
+
+@pytest.mark.parametrize("mode", NOISE_MODES)
+def test_each_slot_carries_the_action_of_its_own_frame(mode):
+    """cond[b, k] is the action of the frame in slot k: the video's for chosen slots, the pad video's
+    (at the pad frame's index) for padding slots, in every noise mode; and actions draw no random numbers."""
+    B, T, D = 64, 12, 3
+    videos, pad_videos = _videos(B, T)
+    b_idx, t_idx = np.meshgrid(np.arange(B), np.arange(T), indexing="ij")
+    actions = torch.from_numpy(np.stack([b_idx, t_idx, 0 * t_idx], axis=-1).astype(np.float32))  # [B x T x D]
+    pad_actions = actions.clone()
+    pad_actions[..., 2] = 1.0  # marks the pad video's actions
+    pad = None if mode == "diffusion_forcing" else pad_videos
+    ex = training_example(videos, pad, 8, mode, 1000, np.random.default_rng(5), actions=actions,
+                          pad_actions=None if pad is None else pad_actions)
+    plain = training_example(videos, pad, 8, mode, 1000, np.random.default_rng(5))
+    for key in ("x", "frame_indices", "obs_mask", "latent_mask", "t"):
+        assert torch.equal(ex[key], plain[key])
+    K = ex["x"].shape[1]
+    assert ex["cond"].shape == (B, K, D)
+    chosen = (ex["obs_mask"] + ex["latent_mask"]).view(B, K) > 0
+    rows = torch.arange(B)[:, None].expand(B, K)
+    assert torch.equal(ex["cond"][..., 0], rows.float())
+    assert torch.equal(ex["cond"][..., 1], ex["frame_indices"].float())
+    assert torch.equal(ex["cond"][..., 2], (~chosen).float())
+    if pad is not None:
+        assert (~chosen).any()
