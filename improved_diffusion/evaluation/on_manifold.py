@@ -445,6 +445,8 @@ def summarize(on, n_obs=0, blobs=None, background_error=None):
         censored=[d == T for d in drift],
         median_time_to_drift=float(np.median(drift)),
         last_quarter_fraction=float(on[:, quarter.start:].mean()),
+        # Per video, so a difference between schemes can be weighed against the spread over videos.
+        last_quarter_per_video=[float(x) for x in on[:, quarter.start:].mean(axis=1)],
         last_quarter_frames=[quarter.start, T - 1],
     )
     if blobs is not None:

@@ -224,6 +224,7 @@ def test_summary_of_a_hand_made_array():
     assert out["median_time_to_drift"] == 4.5
     assert out["last_quarter_frames"] == [6, 7]
     assert out["last_quarter_fraction"] == 5 / 8  # frames 6-7: 1,1 / 1,1 / 0,0 / 0,1
+    assert out["last_quarter_per_video"] == [1.0, 1.0, 0.0, 0.5]
     assert out["per_frame"] == [0.75, 1.0, 0.75, 0.5, 0.75, 0.75, 0.5, 0.75]
     assert out["blob_count"] == [12.0 + f for f in range(8)] and out["background_error"] == [1.0] * 8
     assert om.summarize(on, n_obs=0)["time_to_drift"] == [8, 3, 2, 0]
