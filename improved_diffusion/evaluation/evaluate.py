@@ -254,7 +254,7 @@ def compute_metrics(samples, truth, n_obs, metrics, dataset=None, i3d_path=None,
                 result["overall"]["action_following"] = scores["score"]
                 result["details"]["action_following"] = dict(
                     chance=scores["chance"], found=scores["found"], n_transitions=scores["n_transitions"],
-                    first_transition=first, ground_truth=following.action_following(truth, actions,
+                    first_transition=first, per_video=scores["per_video"], ground_truth=following.action_following(truth, actions,
                                                                                     first=first)["score"])
             elif name in CARLA_METRICS:
                 if carla is None:

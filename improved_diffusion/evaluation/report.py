@@ -325,6 +325,12 @@ def build_report(out_dir, schemes, results, runs, settings):
                             f"{details.get('tolerance', 'generator')!r} tolerances (on_manifold.py). "
                             "time_to_drift: the median over videos of the first generated frame that is not; a "
                             "video that never leaves counts as its length (censored)."))
+    if "action_following" in metric_names:
+        chances = ", ".join(f"{s} {format_value(results[s]['details']['action_following']['chance'])}"
+                            for s in schemes if "action_following" in results[s]["details"])
+        blocks.append(("p", "action_following: the fraction of generated moves of the controlled ball that match the "
+                            "action that drove them, from pixels (action_following.py); ground truth scores 1. "
+                            f"Chance (the agreement if moves ignored the actions): {chances}."))
     blocks.append(("p", "sampling s: wall time of the sampling runs that produced the samples (model loading "
                         "included; with several MPI ranks, of all ranks together), accumulated over resumed runs; "
                         "s / video divides it by the videos those runs sampled. NFE / video: network evaluations "

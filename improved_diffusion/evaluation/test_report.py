@@ -203,3 +203,31 @@ def test_report_shows_the_on_manifold_curve_and_columns(tmp_path):
     assert "![on_manifold per frame](plots/on_manifold.png)" in md
     with Image.open(tmp_path / "plots" / "on_manifold.png") as image:
         image.verify()
+
+
+def test_report_states_action_following_and_its_chance(tmp_path):
+    """Ground truth with its own actions (score 1) as one scheme, the same videos said to be driven by
+    one fixed action file as the other: the table has the scores and the text each scheme's chance."""
+    from improved_diffusion.data.bouncing_balls_actions import make_video
+
+    T = 10
+    truth = [make_video("test", i, T=T, image_size=16).transpose(0, 3, 1, 2) for i in range(3)]
+    np.save(tmp_path / "fixed.npy", np.full(T, 2))
+    for name, conditions in (("autoreg", {"actions_source": "dataset"}),
+                             ("long-range", {"actions_source": "file", "actions_file": str(tmp_path / "fixed.npy")})):
+        scheme = Scheme.from_preset(name, T=T, n_obs=2, max_frames=4)
+        eval_dir = tmp_path / name
+        (eval_dir / "samples").mkdir(parents=True)
+        (eval_dir / "sampling_config.json").write_text(json.dumps(
+            {"dataset": "bouncing_balls_actions", "image_size": 16, "data_seed": 0, **conditions, **scheme.to_dict()}))
+        for i, sample in enumerate(truth):
+            np.save(eval_dir / "samples" / f"sample_{i:04d}-0.npy", sample)
+    schemes = ["autoreg", "long-range"]
+    results = report.evaluate_schemes(schemes, tmp_path, ["action_following"], n_videos=3)
+    assert results["autoreg"]["overall"]["action_following"] == 1.0
+    assert results["long-range"]["overall"]["action_following"] < 0.5
+    md = report.render_markdown(report.build_report(tmp_path, schemes, results, {}, {"checkpoint": "c.pt"}))
+    assert "| autoreg | autoreg | full_sequence | **1** |" in md
+    chances = [results[s]["details"]["action_following"]["chance"] for s in schemes]
+    assert f"Chance (the agreement if moves ignored the actions): autoreg {report.format_value(chances[0])}, " \
+           f"long-range {report.format_value(chances[1])}." in md
