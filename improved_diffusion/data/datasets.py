@@ -17,6 +17,8 @@ turns one into an endless, sharded, exactly reproducible stream of
     minecraft               300 / k    128   minecraft/data/{train,test}/<dir>/<i>.{mp4,npz}
     <folder path>           shortest   64    .mp4/.gif/.npy/.pt files anywhere below the folder
                                              (+ <name>.actions.npy beside each, optional)
+    <cache folder>          its T      its   index.json + <split>/shard_*.npy written by
+                                             scripts/cache_dataset.py (shards.py): no decoding
 
 Actions (actions.py): `dataset.action_dim` is D, or None when the dataset has none, and
 `dataset.num_actions` the number of discrete actions (delivered one-hot, D = num_actions) or
@@ -40,8 +42,10 @@ import hashlib
 import importlib
 import inspect
 import os
+import queue
 import re
 import shutil
+import threading
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -139,6 +143,10 @@ def default_T(name, frame_skip=1):
     if name in DATASETS:
         spec = DATASETS[name]
         return spec.T // int(frame_skip) if spec.T is not None else int(_procedural_module(name).DEFAULT_T)
+    if _is_cache(name):
+        from .shards import cache_default_T
+
+        return cache_default_T(name, frame_skip)
     folder = _user_folder(name)
     lengths = [n for n in _scan_lengths(_find_videos(folder), skip_bad=True).values() if n is not None]
     if not lengths:
@@ -151,6 +159,10 @@ def default_image_size(name):
     if name in DATASETS:
         spec = DATASETS[name]
         return spec.image_size if spec.image_size is not None else int(_procedural_module(name).DEFAULT_IMAGE_SIZE)
+    if _is_cache(name):
+        from .shards import cache_image_size
+
+        return cache_image_size(name)
     _user_folder(name)
     return USER_FOLDER_IMAGE_SIZE
 
@@ -161,9 +173,21 @@ def dataset_folder(name, data_root=None):
     return root / DATASETS[name].path
 
 
+def _is_cache(name):
+    """Whether `name` is a folder written by scripts/cache_dataset.py (shards.py reads it)."""
+    from .shards import find_cache  # shards.py builds on this module's classes
+
+    return name not in DATASETS and find_cache(name) is not None
+
+
 def _check_frame_skip(name, frame_skip):
     if not isinstance(frame_skip, (int, np.integer)) or frame_skip < 1:
         raise DatasetError(f"frame_skip must be a positive integer, got {frame_skip!r}.")
+    if frame_skip != 1 and _is_cache(name):
+        from .shards import cache_skips_frames
+
+        if cache_skips_frames(name):
+            return
     if frame_skip != 1 and (name not in DATASETS or DATASETS[name].kind != "episodes"):
         episodic = ", ".join(n for n, spec in DATASETS.items() if spec.kind == "episodes")
         raise DatasetError(f"frame_skip {frame_skip} is not supported for dataset {name!r}, only for {episodic}.")
@@ -175,7 +199,8 @@ def get_dataset(
     """
     Build a dataset by registered name or folder path.
 
-    seed only affects procedural datasets (it picks which videos they generate).
+    seed only affects procedural datasets (it picks which videos they generate); a cache
+    (a folder with the index.json of scripts/cache_dataset.py) holds the videos of the seed it was made with.
     on_bad_video="stop" raises DatasetError at the first unreadable or malformed
     file; "skip" leaves such files out with a counted warning instead.
     frame_skip k > 1 (dmlab, minecraft) keeps every k-th frame, as Diffusion Forcing does.
@@ -186,6 +211,12 @@ def get_dataset(
     if on_bad_video not in ("stop", "skip"):
         raise DatasetError(f"on_bad_video must be 'stop' or 'skip', got {on_bad_video!r}.")
     _check_frame_skip(name, frame_skip)
+    if _is_cache(name):
+        from .shards import ShardDataset
+
+        if (T is not None and int(T) < 1) or (image_size is not None and int(image_size) < 1):
+            raise DatasetError(f"T and image_size must be positive for dataset {name!r}, got T={T}, image_size={image_size}.")
+        return ShardDataset(name, split, T, image_size, int(frame_skip))
     T = default_T(name, frame_skip) if T is None else int(T)
     image_size = default_image_size(name) if image_size is None else int(image_size)
     if T < 1 or image_size < 1:
@@ -782,14 +813,76 @@ def batch_plan(num_in_shard, batch_size, seed, step, rank=0):
     return chosen, rngs
 
 
-def train_batches(dataset, batch_size, seed, rank=0, world_size=1, start_step=0, num_workers=0, with_actions=False):
+def read_batch(dataset, shard, batch_size, seed, rank, step, pool=None, with_actions=False):
+    """The batch of training step `step` (see train_batches); pool: a thread pool to read its videos in."""
+    positions, rngs = batch_plan(len(shard), batch_size, seed, step, rank)
+    indices = [int(shard[p]) for p in positions]
+    read = dataset.video_and_actions if with_actions else dataset.video
+    clips = [read(i, r) for i, r in zip(indices, rngs)] if pool is None else list(pool.map(read, indices, rngs))
+    if not with_actions:
+        return torch.stack(clips)
+    videos, actions = zip(*clips)
+    return torch.stack(videos), None if actions[0] is None else torch.stack(actions)
+
+
+class _Prefetcher:
+    """
+    One background thread that reads the batches of steps start, start + 1, ... in order, at most
+    `depth` of them ahead of the consumer, so reading overlaps training. Each batch is a function
+    of its step only, so the stream is the same whatever the threads' timing.
+    """
+
+    def __init__(self, make_batch, start_step, depth, num_workers):
+        self._queue = queue.SimpleQueue()
+        self._room = threading.Semaphore(depth)  # batches that may be read before the consumer takes one
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(make_batch, start_step, num_workers),
+                                        name="train_batches-prefetch", daemon=True)
+        self._thread.start()
+
+    def _run(self, make_batch, step, num_workers):
+        pool = ThreadPoolExecutor(num_workers, thread_name_prefix="train_batches-read") if num_workers > 0 else None
+        try:
+            while True:
+                while not self._room.acquire(timeout=0.1):  # wakes up now and then to see a close
+                    if self._stop.is_set():
+                        return
+                if self._stop.is_set():
+                    return
+                try:
+                    self._queue.put((True, make_batch(step, pool)))
+                except BaseException as e:  # noqa: BLE001 - handed to the consumer, which raises it
+                    self._queue.put((False, e))
+                    return
+                step += 1
+        finally:
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
+
+    def get(self):
+        ok, value = self._queue.get()
+        self._room.release()
+        if not ok:
+            raise value
+        return value
+
+    def close(self):
+        """Stop reading ahead and wait for the thread (at most the batch it is reading)."""
+        self._stop.set()
+        self._thread.join()
+
+
+def train_batches(dataset, batch_size, seed, rank=0, world_size=1, start_step=0, num_workers=0, with_actions=False,
+                  prefetch=2):
     """
     Endless float32 [B x T x C x H x W] training batches from this rank's shard.
 
     The batch at step s depends only on (dataset, batch_size, seed, s, rank,
     world_size), so resuming at start_step reproduces exactly the batches an
     uninterrupted run would have seen. num_workers > 0 reads the videos of a
-    batch in that many threads (same batches, just faster for files).
+    batch in that many threads (same batches, just faster for files); prefetch > 0
+    reads that many batches ahead in a background thread (same batches, read while the
+    model trains), which stops when the generator is closed or collected.
     with_actions=True yields (videos, actions) pairs instead: the same videos, and their
     float32 [B x T x action_dim] actions (None for a dataset without actions).
     """
@@ -798,22 +891,20 @@ def train_batches(dataset, batch_size, seed, rank=0, world_size=1, start_step=0,
         raise DatasetError(
             f"Dataset {dataset.name!r} has {len(dataset)} {dataset.split} videos, too few to give each of {world_size} ranks one."
         )
+    make_batch = functools.partial(read_batch, dataset, shard, batch_size, seed, rank, with_actions=with_actions)
+    if prefetch > 0:
+        prefetcher = _Prefetcher(make_batch, start_step, prefetch, num_workers)
+        try:
+            while True:
+                yield prefetcher.get()
+        finally:
+            prefetcher.close()
+        return
     pool = ThreadPoolExecutor(num_workers) if num_workers > 0 else None
-    read = dataset.video_and_actions if with_actions else dataset.video
     step = start_step
     try:
         while True:
-            positions, rngs = batch_plan(len(shard), batch_size, seed, step, rank)
-            indices = [int(shard[p]) for p in positions]
-            if pool is None:
-                clips = [read(i, r) for i, r in zip(indices, rngs)]
-            else:
-                clips = list(pool.map(read, indices, rngs))
-            if not with_actions:
-                yield torch.stack(clips)
-            else:
-                videos, actions = zip(*clips)
-                yield torch.stack(videos), None if actions[0] is None else torch.stack(actions)
+            yield make_batch(step, pool)
             step += 1
     finally:
         if pool is not None:

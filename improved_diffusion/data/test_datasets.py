@@ -1,7 +1,10 @@
+import gc
 import os
 import shutil
 import subprocess
 import sys
+import threading
+import time
 import zipfile
 from pathlib import Path
 
@@ -181,6 +184,78 @@ def test_threads_give_same_batches(tmp_path):
     threaded = train_batches(dataset, batch_size=4, seed=1, num_workers=3)
     for _ in range(3):
         torch.testing.assert_close(next(plain), next(threaded))
+
+
+def test_batches_are_a_function_of_the_step_whatever_the_threads():
+    """Steps 0..5 are the same with or without reader threads and read-ahead, and a resume at step 3 continues them."""
+    dataset = get_dataset("bouncing_balls_actions", T=4, image_size=8)
+
+    def steps(n, **options):
+        batches = train_batches(dataset, batch_size=3, seed=5, with_actions=True, **options)
+        taken = [next(batches) for _ in range(n)]
+        batches.close()
+        return taken
+
+    reference = steps(6, num_workers=0, prefetch=0)
+    for options in ({"num_workers": 0}, {"num_workers": 4}, {"num_workers": 4, "prefetch": 0}, {"prefetch": 5}):
+        for (videos, actions), (ref_videos, ref_actions) in zip(steps(6, **options), reference):
+            assert torch.equal(videos, ref_videos) and torch.equal(actions, ref_actions), options
+    for num_workers in (0, 4):
+        resumed = steps(3, start_step=3, num_workers=num_workers)
+        for (videos, actions), (ref_videos, ref_actions) in zip(resumed, reference[3:]):
+            assert torch.equal(videos, ref_videos) and torch.equal(actions, ref_actions)
+
+
+def _reader_threads():
+    return [t for t in threading.enumerate() if t.name.startswith("train_batches-")]
+
+
+class _RecordingDataset(video_datasets.VideoDataset):
+    """Numbered videos that note which ones were read, and fail on video `bad`."""
+
+    def __init__(self, count, bad=None):
+        super().__init__("recording", "train", 2, 4)
+        self.count, self.bad, self.read = count, bad, []
+
+    def __len__(self):
+        return self.count
+
+    def frames(self, index, rng=None):
+        if index == self.bad:
+            raise DatasetError(f"Video {index} is broken.")
+        self.read.append(index)
+        return np.full((2, 4, 4, 3), index, np.uint8)
+
+
+def test_prefetch_reads_ahead_and_stops_when_closed():
+    dataset = _RecordingDataset(count=64)
+    batches = train_batches(dataset, batch_size=2, seed=0, num_workers=2, prefetch=3)
+    next(batches)
+    deadline = time.monotonic() + 30
+    while len(dataset.read) < 2 * 4 and time.monotonic() < deadline:  # step 0 and three steps ahead
+        time.sleep(0.01)
+    time.sleep(0.2)
+    assert len(dataset.read) == 2 * 4, "not exactly the next 3 batches were read while the consumer was busy"
+    assert _reader_threads()
+    batches.close()
+    assert not _reader_threads()
+    # A generator dropped without close() stops its thread too.
+    batches = train_batches(dataset, batch_size=2, seed=0)
+    next(batches)
+    del batches
+    gc.collect()
+    assert not _reader_threads()
+
+
+def test_prefetch_raises_a_read_error_at_its_step():
+    dataset = _RecordingDataset(count=4, bad=2)
+    order = [int(video_datasets.batch_plan(4, 1, seed=0, step=s)[0][0]) for s in range(4)]
+    batches = train_batches(dataset, batch_size=1, seed=0, prefetch=2)
+    for step in range(order.index(2)):  # the steps before it arrive intact
+        assert video_ids(next(batches)) == [order[step]]
+    with pytest.raises(DatasetError, match="Video 2 is broken"):
+        next(batches)
+    assert not _reader_threads()
 
 
 def test_too_many_ranks(tmp_path):
