@@ -16,6 +16,13 @@ at several of them:
 
     python scripts/compare_schemes.py <checkpoint> --T 80 \
         --schemes autoreg,stabilized-autoreg:stabilization_level=15,stabilized-autoreg:stabilization_level=50
+
+An energy checkpoint (--energy True) can be compared with and without MCMC refinement
+(`autoreg,autoreg:mcmc_steps=5:mcmc_step_size=0.005`). NFE / video counts every forward pass of the
+network: each denoising call, each MCMC gradient evaluation and each energy-only evaluation; the
+report then adds the evaluations that also ran a backward pass (grad evals / video) and the MCMC
+acceptance rate. Run it once per checkpoint to compare an energy model with a standard one at equal
+NFE or wall time.
 """
 
 import argparse

@@ -171,6 +171,13 @@ VIDEO_SAMPLE_FLAGS = [
     (["--label", "1"], "--label 1"),
     (["--uncond", "maybe"], "--uncond"),
     (["--uncond", "True"], "unconditional already"),
+    # MCMC refinement: bad values, and any refinement of this checkpoint, trained without --energy True.
+    (["--mcmc_steps", "2"], "--mcmc_steps 2"),
+    (["--mcmc_steps", "-1"], "mcmc_steps"),
+    (["--mcmc_step_size", "0"], "mcmc_step_size"),
+    (["--mcmc_step_size", "nan"], "mcmc_step_size"),
+    (["--mcmc_noise", "maybe"], "--mcmc_noise"),
+    (["--mcmc_clamp", "tight"], "--mcmc_clamp"),
 ]
 if not torch.cuda.is_available():
     VIDEO_SAMPLE_FLAGS.append((["--device", "cuda"], "--device"))
@@ -234,6 +241,8 @@ def test_bad_checkpoints(capsys, files, name):
     (["--schemes", ","], "--schemes"),
     (["--schemes", "autoreg,nope"], "nope"),
     (["--schemes", "autoreg,hierarchy-2", "--max_frames", "3", "--max_latent_frames", "2"], "hierarchy-2"),
+    (["--schemes", "autoreg,autoreg:mcmc_steps=2"], "--energy True"),
+    (["--schemes", "autoreg:mcmc_noise=maybe"], "mcmc_noise"),
     (["--T", "-4"], "--T"),
     (["--n_obs", "12"], "n_obs"),
     (["--max_frames", "8"], "--max_frames"),

@@ -429,3 +429,106 @@ def test_a_conditional_checkpoint_samples_with_each_source_of_actions(capsys, tm
     assert code == 2 and "--guidance_scale 1.0, not 3.0" in err
     code, _, err = run(capsys, conditional_checkpoint, *common, "--eval_dir", folders["own"], "--uncond", "True")
     assert code == 2 and "conditions 'dataset actions', not 'null'" in err
+
+
+# ----------------------------------------------------------------------------- energy checkpoints and MCMC
+
+@pytest.fixture(scope="module")
+def energy_checkpoint(tmp_path_factory):
+    """A tiny energy model (--energy True) with random weights, saved as training saves it."""
+    model_cfg = ModelConfig(image_size=SIZE, num_channels=32, channel_mult="1,2", attention_resolutions="8",
+                            num_heads=2, num_res_blocks=1, energy=True)
+    torch.manual_seed(0)
+    model = create_model(model_cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            if not p.any():
+                p.normal_(0, 0.05)
+    config = {**dataclasses.asdict(model_cfg), **dataclasses.asdict(DiffusionConfig(diffusion_steps=100)),
+              "dataset": "bouncing_balls", "T": T, "max_frames": K, "wandb_id": "energy"}
+    path = tmp_path_factory.mktemp("energy_run") / "ema_0.9999_000000.pt"
+    torch.save({"config": config, "state_dict": model.state_dict(), "step": 0}, path)
+    return str(path)
+
+
+def test_an_energy_checkpoint_samples_with_mcmc_and_reports_acceptance(capsys, tmp_path, energy_checkpoint,
+                                                                       monkeypatch):
+    """Files equal the stage sampler's output on the loaded energy model; the counts are saved and printed."""
+    monkeypatch.chdir(tmp_path)
+    argv = ["--timestep_respacing", "4", "--use_ddim", "True", "--stop_index", 2, "--batch_size", 2,
+            "--mcmc_steps", 2, "--mcmc_step_size", "0.02"]
+    code, out, err = run(capsys, energy_checkpoint, *argv)
+    assert code == 0, err
+    eval_dir = Path(out.strip())
+    assert eval_dir.name == "autoreg_K6_S3_obs3_T12_ddim_mcmc2x0.02_4"
+    config = json.loads((eval_dir / "sampling_config.json").read_text())
+    assert (config["mcmc_steps"], config["mcmc_step_size"], config["mcmc_noise"]) == (2, 0.02, False)
+    summary = config["mcmc"]
+    # 3 stages x 3 rows whose frames stay noisy (4 levels, the last row ends clean) x 3 frames x 2 steps, per video
+    assert summary["proposed"] == 2 * 3 * 3 * 3 * 2 and summary["videos"] == 2
+    assert summary["acceptance_rate"] == summary["accepted"] / summary["proposed"]
+    assert f"MCMC acceptance rate {summary['acceptance_rate']:.3f}" in err
+    per_video = json.loads((eval_dir / "mcmc" / "sample_0001-0.json").read_text())
+    assert per_video["proposed"] == summary["proposed"] // 2
+
+    model, diffusion, _ = load_checkpoint(energy_checkpoint, "4")
+    scheme = Scheme.from_dict(config)
+    videos = torch.zeros(2, T, 3, SIZE, SIZE)
+    data = get_dataset("bouncing_balls", split="test", T=scheme.n_obs, image_size=SIZE)
+    for i in range(2):
+        videos[i, :scheme.n_obs] = data.video(i)
+    out = sample_with_scheme(model, diffusion, scheme, videos, [video_generator(0, 0, i) for i in range(2)])
+    expected = ((out.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
+    for i in range(2):
+        assert np.array_equal(np.load(eval_dir / "samples" / f"sample_{i:04d}-0.npy"), expected[i])
+
+    # Without --mcmc_steps the energy model samples plainly, into its own folder, with no counts.
+    code, out, err = run(capsys, energy_checkpoint, "--timestep_respacing", "4", "--use_ddim", "True",
+                         "--stop_index", 1)
+    assert code == 0, err
+    plain_dir = Path(out.strip())
+    assert plain_dir.name == "autoreg_K6_S3_obs3_T12_ddim_4" and "MCMC" not in err
+    assert "mcmc" not in json.loads((plain_dir / "sampling_config.json").read_text())
+    assert not np.array_equal(np.load(plain_dir / "samples" / "sample_0000-0.npy"), expected[0])
+
+
+def test_mcmc_on_a_checkpoint_without_energy_is_refused(capsys, checkpoint, no_model_loading):
+    code, _, err = run(capsys, checkpoint, "--mcmc_steps", 3)
+    assert code == 2 and "Traceback" not in err and err.count("\n") == 1, err
+    assert "--mcmc_steps 3" in err and "trained without --energy True" in err
+
+
+def test_compare_schemes_counts_the_cost_of_mcmc(capsys, tmp_path, energy_checkpoint):
+    """An energy checkpoint with and without MCMC in one comparison: NFE differs by the MCMC evaluations."""
+    compare_script = load_script("compare_schemes")
+    out_dir = tmp_path / "compare"
+    code = cli.run(compare_script.main, compare_script.create_argparser(),
+                   [energy_checkpoint, "--schemes", "autoreg,autoreg:mcmc_steps=2", "--n_videos", "1",
+                    "--timestep_respacing", "4", "--use_ddim", "True", "--metrics", "psnr",
+                    "--out_dir", str(out_dir)])
+    capsys.readouterr()
+    assert code == 0
+    runs = json.loads((out_dir / "runs.json").read_text())
+    mcmc = json.loads((out_dir / "autoreg_mcmc_steps=2" / "sampling_config.json").read_text())["mcmc"]
+    assert runs["autoreg"]["nfe_per_video"] == 12  # 3 stages x 4 denoising calls
+    assert runs["autoreg"]["gradient_evaluations_per_video"] == 12  # each call of an energy model is a gradient
+    refined = runs["autoreg:mcmc_steps=2"]
+    assert refined["nfe_per_video"] == 12 + mcmc["mcmc_nfe_per_video"] > 12
+    assert refined["gradient_evaluations_per_video"] == 12 + mcmc["gradient_evaluations"]
+    report = (out_dir / "report.md").read_text()
+    assert "grad evals / video" in report and "MCMC acceptance" in report
+
+
+def test_langevin_refinement_does_not_depend_on_batching(capsys, tmp_path, energy_checkpoint):
+    """With --batch_invariant True each video's chain (its noise and its Metropolis uniforms) is its own."""
+    argv = ["--timestep_respacing", "4", "--use_ddim", "True", "--stop_index", 2, "--batch_invariant", "True",
+            "--mcmc_steps", 2, "--mcmc_noise", "True", "--mcmc_step_size", "0.05"]
+    samples, rates = [], []
+    for batch_size in (1, 2):
+        eval_dir = tmp_path / f"batch{batch_size}"
+        code, _, err = run(capsys, energy_checkpoint, *argv, "--batch_size", batch_size, "--eval_dir", eval_dir)
+        assert code == 0, err
+        samples.append([np.load(eval_dir / "samples" / f"sample_{i:04d}-0.npy") for i in range(2)])
+        rates.append(json.loads((eval_dir / "sampling_config.json").read_text())["mcmc"]["acceptance_rate"])
+    assert all(np.array_equal(a, b) for a, b in zip(*samples))
+    assert rates[0] == rates[1] and 0 < rates[0] < 1

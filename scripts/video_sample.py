@@ -24,6 +24,14 @@ name the results folder (_cfg<w>, _actions-<file>, _uncond, _label<L>) and sampl
     python scripts/video_sample.py <checkpoint> --sampling_scheme autoreg --T 32 --n_obs 4 --guidance_scale 3
     python scripts/video_sample.py <checkpoint> --T 32 --n_obs 4 --actions other_video_actions.npy
 
+A checkpoint trained with --energy True predicts the gradient of a per-frame energy; `--mcmc_steps n`
+refines its samples with n energy-descent steps of size --mcmc_step_size after every denoising
+transition (a step is undone for each frame whose energy it raises), or with Langevin steps and
+Metropolis-Hastings acceptance (`--mcmc_noise True`). The acceptance rate is printed and saved in
+sampling_config.json ("mcmc"), the folder is named _mcmc<n>x<a>.
+
+    python scripts/video_sample.py <energy checkpoint> --T 32 --n_obs 4 --mcmc_steps 5 --mcmc_step_size 0.01
+
 Impossible settings end with one sentence and exit code 2 before the model is loaded.
 """
 
@@ -36,8 +44,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from improved_diffusion import cli, dist_util  # noqa: E402
 from improved_diffusion.sampling.noise_schedules import noise_schedules  # noqa: E402
-from improved_diffusion.sampling.run import add_model_call_flags, sample_dataset  # noqa: E402
-from improved_diffusion.sampling.scheme import PRESETS, STABILIZATIONS  # noqa: E402
+from improved_diffusion.sampling.run import add_model_call_flags, mcmc_summary, sample_dataset  # noqa: E402
+from improved_diffusion.sampling.scheme import MCMC_CLAMPS, PRESETS, STABILIZATIONS  # noqa: E402
 
 
 def create_argparser():
@@ -91,6 +99,17 @@ def create_argparser():
     p.add_argument("--label", type=int, default=None, help="class label of every video (a label-conditioned model)")
     p.add_argument("--uncond", type=cli.str2bool, default=False,
                    help="sample with the model's null condition (needs --cond_drop_prob > 0 in training)")
+    p.add_argument("--mcmc_steps", type=int, default=None,
+                   help="energy checkpoints (--energy True): MCMC steps on the latent frames after every denoising "
+                        "transition (default 0: off)")
+    p.add_argument("--mcmc_step_size", type=float, default=None,
+                   help="step size a of x <- x - a grad E (in the energy's eps units; default 0.01)")
+    p.add_argument("--mcmc_noise", type=cli.str2bool, default=None,
+                   help="True: Langevin proposals (noise sqrt(2 a sigma_t)) with Metropolis-Hastings acceptance; "
+                        "default False: energy descent, a frame's step undone when it raises its energy")
+    p.add_argument("--mcmc_clamp", default=None, choices=list(MCMC_CLAMPS),
+                   help="bound on refined values: signal_noise (default) +-(2 sqrt(abar_t) + 6 sigma_t); signal: "
+                        "+-2 sqrt(abar_t), the energy trainer's (erases noise at large t); none")
     p.add_argument("--dataset", default=None, help="dataset of the given frames (default: the checkpoint's)")
     p.add_argument("--eval_dir", default=None)
     p.add_argument("--device", default=None)
@@ -103,6 +122,14 @@ def create_argparser():
 def main(args):
     path = sample_dataset(**vars(args))
     if dist_util.get_rank() == 0:
+        summary = mcmc_summary(path) if args.mcmc_steps and not args.just_visualise else None
+        if summary:
+            rate = summary["acceptance_rate"]
+            print(f"MCMC acceptance rate {'-' if rate is None else f'{rate:.3f}'}: {summary['accepted']} of "
+                  f"{summary['proposed']} frame steps accepted over {summary['videos']} videos; "
+                  f"{summary['mcmc_nfe_per_video']:g} extra network evaluations per video "
+                  f"({summary['gradient_evaluations'] / summary['videos']:g} gradient, "
+                  f"{summary['energy_evaluations'] / summary['videos']:g} energy-only)", file=sys.stderr)
         print(path)
 
 

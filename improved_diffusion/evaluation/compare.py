@@ -10,6 +10,8 @@ every scheme, are checked before anything is sampled. A Diffusion Forcing checkp
 and a conditional checkpoint's `guidance_scale`, `actions` and `uncond` from here. A scheme may be
 given with its own settings, "stabilized-autoreg:stabilization_level=50" (report.scheme_overrides),
 so one comparison holds a scheme at several settings; its samples go to <out_dir>/<spec, ':' as '_'>/.
+MCMC refinement of an energy checkpoint is such a setting ("autoreg:mcmc_steps=5"); a scheme asking
+for it on any other checkpoint is refused before anything is sampled.
 """
 
 import os

@@ -7,10 +7,18 @@ as `report.md` and `report.html`: a table of metrics and costs per scheme, metri
 one line per scheme, and each scheme's plan picture and frame strip.
 
 Number of network evaluations (NFE) per video: while a scheme samples, a global forward pre-hook
-counts every call of the video UNet and the number of videos in it; the sum divided by the number of
-videos sampled is the NFE per video. That is exact for any batch size, rank count, plan and noise
-schedule, because it counts what the sampler does rather than what the plan suggests (the sampler
-skips noise-level rows in which no frame changes, which stages x (rows - 1) would count).
+counts every forward pass of a video network (FDM's UNet or DF's 3D-UNet) and the number of videos in
+it; the sum divided by the number of videos sampled is the NFE per video. That is exact for any batch
+size, rank count, plan and noise schedule, because it counts what the sampler does rather than what
+the plan suggests (the sampler skips noise-level rows in which no frame changes, which stages x
+(rows - 1) would count). An energy model (models/energy.py) runs its network forward once per call
+and then backward to its input: each of its gradient evaluations, whether a denoising step's
+prediction or an MCMC step's gradient, counts as one NFE, and each energy-only evaluation (MCMC
+acceptance) as one NFE too (sampling/mcmc.py says how many a step makes). Because a gradient
+evaluation also pays a backward pass (about twice a forward), the report adds "grad evals / video",
+the evaluations of the NFE that were followed by one (counted by a forward hook on the energy
+model), whenever a scheme made any; and, for MCMC refinement, the acceptance rate
+(sampling.run.mcmc_summary). Wall time (s / video) remains the plain measure of equal cost.
 """
 
 import html
@@ -35,10 +43,11 @@ from .evaluate import (
 from .metrics import MetricUnavailable, load_lpips
 from .plots import frame_strip, plot_per_frame
 from ..errors import ConfigError, UserError
-from ..models import UNetVideoModel
+from ..models import DFUNet3D, EnergyModel, UNetVideoModel
 from ..results import SAMPLE_RE, find_samples, read_sampling_config, write_json_atomic
 from ..sampling.plan_picture import draw_plan
 from ..sampling.plans import sampling_schemes
+from ..sampling.run import mcmc_summary
 from ..sampling.scheme import PRESETS, Scheme
 
 RUNS_FILE = "runs.json"
@@ -50,11 +59,22 @@ SETTINGS_FILE = "compare_config.json"
 # ---------------------------------------------------------------------------
 
 
+def boolean(text):
+    """A per-scheme boolean setting: true/false, yes/no, 1/0."""
+    value = str(text).strip().lower()
+    if value in ("true", "yes", "t", "y", "1"):
+        return True
+    if value in ("false", "no", "f", "n", "0"):
+        return False
+    raise ValueError(text)
+
+
 # Scheme settings a comparison may set per scheme ("stabilized-autoreg:stabilization_level=50"), with
 # the type each value is read as; the others are the comparison's and the same for every scheme.
 SCHEME_OVERRIDES = {"stabilization_level": int, "uncertainty_scale": float, "chunk_size": int,
                     "sampling_steps": int, "noise_schedule": str, "optimality": str, "eta": float,
-                    "clip_noise": float, "stabilization": str, "guidance_scale": float}
+                    "clip_noise": float, "stabilization": str, "guidance_scale": float,
+                    "mcmc_steps": int, "mcmc_step_size": float, "mcmc_noise": boolean, "mcmc_clamp": str}
 
 
 def parse_schemes(text):
@@ -120,28 +140,46 @@ def check_settings_file(out_dir, settings, write=True):
 # ---------------------------------------------------------------------------
 
 
+VIDEO_NETWORKS = (UNetVideoModel, DFUNet3D)
+
+
+def _videos_in(args):
+    return int(args[0].shape[0]) if args and torch.is_tensor(args[0]) else 1
+
+
 class NetworkEvaluations:
-    """Counts calls of the video UNet: `calls` model calls holding `video_calls` videos in all."""
+    """Counts forward passes of the video networks: `calls` calls holding `video_calls` videos in all; and of
+    those, the energy-gradient evaluations (`gradient_calls`, `gradient_video_calls`: energy model calls that
+    returned a gradient, so ran a backward pass too)."""
 
     def __init__(self):
         self.calls = 0
         self.video_calls = 0
+        self.gradient_calls = 0
+        self.gradient_video_calls = 0
 
     def _hook(self, module, args):
-        if isinstance(module, UNetVideoModel):
+        if isinstance(module, VIDEO_NETWORKS):
             self.calls += 1
-            self.video_calls += int(args[0].shape[0]) if args and torch.is_tensor(args[0]) else 1
+            self.video_calls += _videos_in(args)
+
+    def _energy_hook(self, module, args, kwargs, output):
+        if isinstance(module, EnergyModel) and kwargs.get("gradient", True):
+            self.gradient_calls += 1
+            self.gradient_video_calls += _videos_in(args)
 
 
 @contextmanager
 def count_network_evaluations():
-    """Count every UNetVideoModel call made inside the `with` block, whoever makes it."""
+    """Count every video-network forward pass (and energy-gradient evaluation) inside the `with` block."""
     counter = NetworkEvaluations()
-    handle = torch.nn.modules.module.register_module_forward_pre_hook(counter._hook)
+    handles = [torch.nn.modules.module.register_module_forward_pre_hook(counter._hook),
+               torch.nn.modules.module.register_module_forward_hook(counter._energy_hook, with_kwargs=True)]
     try:
         yield counter
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
 
 
 def load_runs(out_dir):
@@ -210,13 +248,15 @@ def sample_schemes(schemes, sample_fn, out_dir, n_videos):
             sample_fn(scheme, eval_dir)
         dist_util.barrier()
         seconds = time.perf_counter() - start
-        (video_calls,) = _sum_over_ranks([counter.video_calls])
+        video_calls, gradient_video_calls = _sum_over_ranks([counter.video_calls, counter.gradient_video_calls])
         new = count_samples(eval_dir, n_videos) - before
         if rank == 0 and new > 0:
             record = runs.get(scheme, {"sampling_seconds": 0.0, "videos_sampled": 0})
             record["sampling_seconds"] += seconds
             record["videos_sampled"] += new
             record["nfe_per_video"] = video_calls / new
+            if gradient_video_calls:
+                record["gradient_evaluations_per_video"] = gradient_video_calls / new
             record["world_size"] = dist_util.get_world_size()
             runs[scheme] = record
             write_json_atomic(os.path.join(out_dir, RUNS_FILE), runs)
@@ -296,6 +336,13 @@ def build_report(out_dir, schemes, results, runs, settings):
 
     metric_names = list(dict.fromkeys(m for s in schemes for m in results[s]["overall"]))
     header = ["scheme", "plan", "noise schedule", *metric_names, "videos", "sampling s", "s / video", "NFE / video"]
+    mcmc = {s: mcmc_summary(os.path.join(out_dir, scheme_folder(s))) for s in schemes}
+    with_gradients = any(runs.get(s, {}).get("gradient_evaluations_per_video") for s in schemes)
+    with_mcmc = any(mcmc.values())
+    if with_gradients:
+        header.append("grad evals / video")
+    if with_mcmc:
+        header.append("MCMC acceptance")
     best = {}
     for m in metric_names:
         values = [results[s]["overall"].get(m) for s in schemes]
@@ -315,6 +362,10 @@ def build_report(out_dir, schemes, results, runs, settings):
         cells += [str(results[s]["n_videos"]), format_value(seconds),
                   format_value(seconds / sampled) if seconds is not None and sampled else "-",
                   format_value(run.get("nfe_per_video"))]
+        if with_gradients:
+            cells.append(format_value(run.get("gradient_evaluations_per_video", 0)))
+        if with_mcmc:
+            cells.append(format_value(mcmc[s]["acceptance_rate"]) if mcmc[s] else "-")
         rows.append(cells)
     blocks.append(("table", header, rows))
     if "time_to_drift" in metric_names:
@@ -334,7 +385,12 @@ def build_report(out_dir, schemes, results, runs, settings):
     blocks.append(("p", "sampling s: wall time of the sampling runs that produced the samples (model loading "
                         "included; with several MPI ranks, of all ranks together), accumulated over resumed runs; "
                         "s / video divides it by the videos those runs sampled. NFE / video: network evaluations "
-                        "per video, counted with a forward hook on the model while sampling."))
+                        "per video, counted with a forward hook on the model while sampling."
+                        + (" grad evals / video: the evaluations of an energy model that also ran a backward pass "
+                           "(its predictions and MCMC gradients; energy-only MCMC evaluations are the rest)."
+                           if with_gradients else "")
+                        + (" MCMC acceptance: accepted over proposed frame steps of the MCMC refinement."
+                           if with_mcmc else "")))
 
     skipped = {m: reason for s in schemes for m, reason in results[s]["skipped"].items()}
     notes = list(dict.fromkeys(n for s in schemes for n in results[s]["notes"]))

@@ -22,6 +22,11 @@ update) and puts guidance before every nonlinear step (x0 clipping, DF's pred-no
 w = 1 is the conditional model (no extra call: the sampler does not wrap it at all), w = 0 the
 unconditional one. Output channels beyond the frames' own (a learned variance) are taken from the
 conditional half, as in GLIDE (whose guided sampler guides eps only and keeps the variance).
+
+An energy model (models/energy.py) asked for its energies (`return_energy=True`, as MCMC refinement
+asks) returns (prediction, energies); both are combined with the same weights, E_u + w (E_c - E_u),
+whose gradient is the guided prediction, so guided sampling refines on the guided energy (the product
+of experts p_u^(1-w) p_c^w of Du et al. 2023).
 """
 
 from dataclasses import dataclass
@@ -77,9 +82,17 @@ class ClassifierFreeGuidance:
         dropped = torch.zeros(B, dtype=torch.bool, device=x.device) if dropped is None else dropped.bool()
         doubled["drop_cond"] = torch.cat([dropped.to(x.device), torch.ones(B, dtype=torch.bool, device=x.device)])
         t = torch.as_tensor(t, device=x.device)
-        out = model_output_tensor(self.model(torch.cat([x, x]), twice(t) if t.dim() else t, **doubled))
+        out = self.model(torch.cat([x, x]), twice(t) if t.dim() else t, **doubled)
+        if kwargs.get("return_energy"):  # an energy model's (prediction or None, energies [2B x T])
+            prediction, energies = out
+            guided_energies = energies[B:] + self.scale * (energies[:B] - energies[B:])
+            return (None if prediction is None else self.combine(prediction, x.shape[2])), guided_energies
+        return self.combine(model_output_tensor(out), x.shape[2])
+
+    def combine(self, out, C):
+        """uncond + w (cond - uncond) of a doubled output's first C channels; the rest from the conditional half."""
+        B = out.shape[0] // 2
         cond, uncond = out[:B], out[B:]
-        C = x.shape[2]
         guided = uncond[:, :, :C] + self.scale * (cond[:, :, :C] - uncond[:, :, :C])
         return torch.cat([guided, cond[:, :, C:]], dim=2) if out.shape[2] > C else guided
 

@@ -35,6 +35,12 @@ cond_drop_prob > 0). `guidance_scale` w != 1 (classifier-free guidance, guidance
 model too. The conditions' source (and the guidance scale, through the scheme) are recorded in
 sampling_config.json and name the default results folder, so samples made with different ones
 never share a folder.
+
+MCMC refinement (`mcmc_steps` > 0, mcmc.py) needs a checkpoint trained with --energy True; any other
+checkpoint is refused before it is loaded. Each video's counts (frame steps proposed and accepted,
+gradient and energy evaluations) go to <eval_dir>/mcmc/sample_<index:04d>-<sample_idx>.json beside
+its sample, so a resumed or multi-rank run still adds up; at the end their totals and the acceptance
+rate are written into sampling_config.json under "mcmc" (`mcmc_summary`).
 """
 
 import copy
@@ -56,14 +62,16 @@ from ..data.pixels import to_uint8
 from ..diffusion import DiffusionConfig
 from ..errors import ConfigError, DatasetError
 from ..precision import PrecisionModel, check_precision, compile_model
-from ..results import CONFIG_FILE, SAMPLE_DIR, find_samples, sample_path, write_sampling_config
+from ..results import CONFIG_FILE, SAMPLE_DIR, find_samples, sample_path, write_json_atomic, write_sampling_config
 from .guidance import Conditions
 from .kv_cache import CausalCache, supports_cache
+from .mcmc import MCMCStats, summarize
 from .plan_picture import draw_plan
 from .sampler import one_video_at_a_time, sample_with_scheme, video_generator
 from .scheme import Scheme, check_settings
 
 DEFAULT = -1  # a size flag's "use the default"
+MCMC_DIR = "mcmc"  # per-video MCMC counts, beside samples/
 
 
 def size_flag(flag, value, default, minimum=1):
@@ -130,10 +138,15 @@ def scheme_for_checkpoint(config, sampling_scheme, *, T=DEFAULT, n_obs=DEFAULT, 
     if n_obs not in (None, DEFAULT) and n_obs >= T:
         raise ConfigError(f"--n_obs {n_obs} given frames leave none to generate in a video of --T {T} frames; "
                           "pass a smaller --n_obs (video_sample.py's default is FDM's 36) or a larger --T.")
-    return Scheme.from_preset(
+    scheme = Scheme.from_preset(
         sampling_scheme, T=T, max_frames=K, n_obs=size_flag("n_obs", n_obs, None, minimum=0),
         max_latent_frames=size_flag("max_latent_frames", max_latent_frames, None),
         diffusion_config=dataclass_from_dict(DiffusionConfig, config), **settings)
+    if scheme.stage.mcmc_steps and not config.get("energy"):
+        raise ConfigError(f"--mcmc_steps {scheme.stage.mcmc_steps} refines samples by descending the model's energy, "
+                          "but this checkpoint was trained without --energy True, so it has no energy; pass "
+                          "--mcmc_steps 0.")
+    return scheme
 
 
 def default_eval_dir(checkpoint_path, config, folder):
@@ -181,9 +194,9 @@ def prepare_model(model, device, *, batch_invariant=False, precision="fp32", com
         model = compile_model(model)
     use_cache = supports_cache(model) if kv_cache is None else kv_cache  # supports_cache sees through compile
     if use_cache and not supports_cache(model):
-        print("--kv_cache True has no effect: only FDM's UNet built with --causal True can reuse earlier frames "
-              "(in any other network later frames change earlier ones); sampling without the cache.",
-              file=sys.stderr)
+        print("--kv_cache True has no effect: only FDM's UNet built with --causal True (without --energy) can reuse "
+              "earlier frames (in any other network later frames change earlier ones, and an energy model's gradient "
+              "runs back through every frame); sampling without the cache.", file=sys.stderr)
         use_cache = False
 
     def wrap(net):
@@ -391,7 +404,8 @@ def sample_dataset(checkpoint_path, sampling_scheme="autoreg", *, T=DEFAULT, n_o
                    eta=None, clip_denoised=None, stabilization=None, clip_noise=None, dataset=None, eval_dir=None,
                    start_index=0, stop_index=DEFAULT, sample_idx=0, batch_size=8, batch_invariant=False, seed=0,
                    device=None, just_visualise=False, df_config=None, precision="fp32", compile=False, kv_cache=None,
-                   guidance_scale=1.0, actions=None, label=None, uncond=False):
+                   guidance_scale=1.0, actions=None, label=None, uncond=False, mcmc_steps=None, mcmc_step_size=None,
+                   mcmc_noise=None, mcmc_clamp=None):
     """Sample test videos start_index..stop_index-1 (-1: all) with a scheme; returns the eval dir.
 
     The scheme is the preset `sampling_scheme` with the given overrides (see `Scheme.from_preset`;
@@ -403,7 +417,8 @@ def sample_dataset(checkpoint_path, sampling_scheme="autoreg", *, T=DEFAULT, n_o
     16 bits go to a folder named with a _<precision> suffix by default. compile: torch.compile the
     network (the first calls are slow while it compiles). See `prepare_model`. guidance_scale,
     actions, label, uncond: a conditional checkpoint's conditions and classifier-free guidance (see
-    the module docstring); label None (or -1) means no label.
+    the module docstring); label None (or -1) means no label. mcmc_steps, mcmc_step_size, mcmc_noise,
+    mcmc_clamp: MCMC refinement of an energy checkpoint (sampling/mcmc.py; None: off / the defaults).
     """
     # ---- every setting is checked before the model is loaded
     for flag, value, minimum in (("batch_size", batch_size, 1), ("start_index", start_index, 0),
@@ -420,7 +435,8 @@ def sample_dataset(checkpoint_path, sampling_scheme="autoreg", *, T=DEFAULT, n_o
         noise_schedule=noise_schedule, uncertainty_scale=uncertainty_scale, stabilization_level=stabilization_level,
         chunk_size=chunk_size, optimality=optimality, sampling_steps=sampling_steps, use_ddim=use_ddim, eta=eta,
         clip_denoised=clip_denoised, stabilization=stabilization, clip_noise=clip_noise,
-        timestep_respacing=timestep_respacing, guidance_scale=guidance_scale)
+        timestep_respacing=timestep_respacing, guidance_scale=guidance_scale, mcmc_steps=mcmc_steps,
+        mcmc_step_size=mcmc_step_size, mcmc_noise=mcmc_noise, mcmc_clamp=mcmc_clamp)
     label = None if label is None or label == DEFAULT else int(label)
     conditions = sampling_conditions(config, checkpoint_path, actions=actions, label=label, uncond=bool(uncond),
                                      guidance_scale=scheme.stage.guidance_scale)
@@ -477,7 +493,7 @@ def sample_dataset(checkpoint_path, sampling_scheme="autoreg", *, T=DEFAULT, n_o
     print(f"rank {rank}: {len(todo)} of {len(indices)} videos to sample into {os.path.join(eval_dir, 'samples')}",
           file=sys.stderr)
     if not todo:
-        return eval_dir
+        return record_mcmc(eval_dir, scheme, rank)
     own_actions = {}  # each video's own actions, read (and checked) before the model is loaded
     if conditions.source == "dataset":
         own_actions = dataset_actions(data, todo, scheme.T, cond_dim, dataset_name)
@@ -495,11 +511,54 @@ def sample_dataset(checkpoint_path, sampling_scheme="autoreg", *, T=DEFAULT, n_o
         for j, i in enumerate(batch_idx):
             videos[j, :scheme.n_obs] = data.video(i)[:scheme.n_obs]
         generators = [video_generator(seed, sample_idx, i) for i in batch_idx]
+        stats = MCMCStats(len(batch_idx)) if scheme.stage.mcmc_steps else None
         out = sample_with_scheme(model, diffusion, scheme, videos.to(device), generators, progress=rank == 0,
-                                 conditions=batch_conditions(conditions, batch_idx, own_actions, file_actions, device))
+                                 conditions=batch_conditions(conditions, batch_idx, own_actions, file_actions, device),
+                                 **({} if stats is None else {"mcmc_stats": stats}))
         frames = to_uint8(out).numpy()
         for j, i in enumerate(batch_idx):
+            if stats is not None:  # before the sample: a sample never exists without its counts
+                write_json_atomic(mcmc_stats_path(eval_dir, i, sample_idx), stats.per_video(j))
             path = sample_path(eval_dir, i, sample_idx)
             np.save(path + ".tmp.npy", frames[j])
             os.replace(path + ".tmp.npy", path)
+    return record_mcmc(eval_dir, scheme, rank)
+
+
+def mcmc_stats_path(eval_dir, video_index, sample_idx):
+    """Where a video's MCMC counts go (MCMC_DIR beside samples/)."""
+    folder = os.path.join(eval_dir, MCMC_DIR)
+    os.makedirs(folder, exist_ok=True)
+    return os.path.join(folder, f"sample_{video_index:04d}-{sample_idx}.json")
+
+
+def mcmc_summary(eval_dir):
+    """Totals of the per-video MCMC counts in eval_dir with the acceptance rate (mcmc.summarize); None if none."""
+    folder = os.path.join(eval_dir, MCMC_DIR)
+    if not os.path.isdir(folder):
+        return None
+    records = []
+    for name in sorted(os.listdir(folder)):
+        if not name.startswith("sample_") or not name.endswith(".json") or ".tmp" in name:
+            continue
+        try:
+            with open(os.path.join(folder, name)) as f:
+                records.append(json.load(f))
+        except (OSError, ValueError):
+            continue  # a damaged count file: that video is left out of the totals
+    return summarize(records) if records else None
+
+
+def record_mcmc(eval_dir, scheme, rank):
+    """With MCMC refinement: once every rank is done, rank 0 writes the folder's totals into sampling_config.json
+    under "mcmc". Returns eval_dir."""
+    if not scheme.stage.mcmc_steps:
+        return eval_dir
+    dist_util.barrier()
+    if rank == 0:
+        summary = mcmc_summary(eval_dir)
+        path = os.path.join(eval_dir, CONFIG_FILE)
+        with open(path) as f:
+            saved = json.load(f)
+        write_sampling_config(eval_dir, {**saved, "mcmc": summary})
     return eval_dir

@@ -52,7 +52,7 @@ from ..diffusion.gaussian_diffusion import model_output_tensor
 from ..data.pixels import to_uint8
 from ..errors import ConfigError, ScheduleError
 from ..frame_batch import gather_frames
-from . import df_step
+from . import df_step, mcmc
 from .guidance import Conditions, guided
 from .noise_schedules import levels_to_timesteps, noise_levels
 from .scheme import Scheme, check_settings
@@ -111,9 +111,17 @@ def frame_batch(videos, obs_lists, latent_lists):
     return batch["x"], batch["frame_indices"], batch["obs_mask"], batch["latent_mask"]
 
 
+def draw_uniform(B, K, counts, generators, device):
+    """Uniforms in [0, 1) [B x K]; video b's first counts[b] slots come from generators[b] alone (others: 0.5)."""
+    values = torch.full((B, K), 0.5)
+    for b, n in enumerate(counts):
+        values[b, :n] = torch.rand(n, generator=generators[b])
+    return values.to(device)
+
+
 @torch.no_grad()
 def sample_stage(model, diffusion, videos, obs_lists, latent_lists, settings, generated=None, generators=None,
-                 callback=None, initial_noise=None, conditions=None):
+                 callback=None, initial_noise=None, conditions=None, mcmc_stats=None):
     """Generate one stage's latent frames and write them into `videos` (in place).
 
     videos [B x T x C x H x W]; obs_lists/latent_lists: per video, lists of frame indices;
@@ -124,6 +132,8 @@ def sample_stage(model, diffusion, videos, obs_lists, latent_lists, settings, ge
     latent); initial_noise: [B x max latent frames x C x H x W], the latent frames' starting noise
     (used as given; None: drawn from the generators and clamped to +-clip_noise). conditions: a
     guidance.Conditions (None: an unconditional model); settings.guidance_scale guides with it.
+    settings.mcmc_steps > 0 refines the latent frames after every transition with an energy model
+    (mcmc.py); mcmc_stats (an mcmc.MCMCStats of the batch) collects acceptance and evaluation counts.
     """
     device = videos.device
     check_settings(settings, diffusion)
@@ -171,23 +181,24 @@ def sample_stage(model, diffusion, videos, obs_lists, latent_lists, settings, ge
         for b in range(B):
             start[b, n_obs[b]: counts[b]] = initial_noise[b, : n_lat[b]].to(device, x0.dtype)
     x = torch.where(latent_mask.bool(), start, x0)
+    mcmc_options = dict(steps=settings.mcmc_steps, step_size=settings.mcmc_step_size, noise=settings.mcmc_noise,
+                        clamp=settings.mcmc_clamp, normal_fn=noise_like,
+                        uniform_fn=lambda: draw_uniform(B, K, counts, generators, device), stats=mcmc_stats)
     if settings.stabilization == "df":
         return finish_stage(videos, latent_lists, n_obs, generated,
                             df_stage_loop(model, diffusion, x, x0, frame_indices, is_obs, is_latent, column,
-                                          timesteps, settings, stab_t, noise_like, callback, condition_kwargs))
-    for m in range(len(timesteps) - 1):
-        t_from, t_to = per_slot(m), per_slot(m + 1)
-        moving = is_latent & (t_to != t_from)
-        if not moving.any():
-            continue
-        done = is_latent & (t_from < 0)  # finished earlier in this stage: condition on it
-        current = int(t_from[moving].max())
-        t_model = torch.where(is_latent & ~done, t_from, torch.full_like(t_from, current))
+                                          timesteps, settings, stab_t, noise_like, callback, condition_kwargs,
+                                          mcmc_options))
+    def model_inputs(x, t_state, active, stab_noise):
+        """(t_model, model kwargs) of a call on the slots x at timesteps t_state [B x K] (-1: clean or not
+        latent) that denoises (or refines) the latent frames `active`."""
+        done = is_latent & (t_state < 0)  # finished earlier in this stage: condition on it
+        current = int(t_state[active].max())
+        t_model = torch.where(is_latent & ~done, t_state, torch.full_like(t_state, current))
         shown = torch.where(as_mask(done), x, x0)
         if settings.stabilization_level:
             noisy = stabilized | done
             t_model = torch.where(noisy, torch.full_like(t_model, stab_t), t_model)
-            stab_noise = noise_like()
             t_noisy = torch.full((B, K), stab_t, dtype=torch.long, device=device)
             shown = diffusion.q_sample(shown, t_noisy, stab_noise, latent_mask=as_mask(noisy))
         kwargs = {
@@ -197,6 +208,15 @@ def sample_stage(model, diffusion, videos, obs_lists, latent_lists, settings, ge
             "latent_mask": as_mask(is_latent & ~done).float(),
             **condition_kwargs,
         }
+        return t_model, kwargs
+
+    for m in range(len(timesteps) - 1):
+        t_from, t_to = per_slot(m), per_slot(m + 1)
+        moving = is_latent & (t_to != t_from)
+        if not moving.any():
+            continue
+        stab_noise = noise_like() if settings.stabilization_level else None
+        t_model, kwargs = model_inputs(x, t_from, moving, stab_noise)
         move_mask = as_mask(moving).float()
         t_model_dev = t_model.to(device)
         if settings.use_ddim:
@@ -209,6 +229,11 @@ def sample_stage(model, diffusion, videos, obs_lists, latent_lists, settings, ge
             out = diffusion.p_sample(model, x, t_model_dev, settings.clip_denoised, model_kwargs=kwargs,
                                      latent_mask=move_mask, noise=step_noise)
         previous, x = x, out["sample"]
+        refined = moving & (t_to >= 0)  # MCMC: frames that moved and are still noisy, at their new level
+        if settings.mcmc_steps and refined.any():
+            t_after = torch.where(moving, t_to, t_from)
+            t_mcmc, mcmc_kwargs = model_inputs(x, t_after, refined, stab_noise)  # the same context noise
+            x = mcmc.refine(model, diffusion, x, t_mcmc, mcmc_kwargs, refined, **mcmc_options)
         if callback is not None:
             callback({"row": m, "previous": previous, "x": x, "t_from": t_from, "t_to": t_to, "t_model": t_model,
                       "pred_xstart": out["pred_xstart"]})
@@ -216,7 +241,7 @@ def sample_stage(model, diffusion, videos, obs_lists, latent_lists, settings, ge
 
 
 def df_stage_loop(model, diffusion, x, x0, frame_indices, is_obs, is_latent, column, timesteps, settings, stab_t,
-                  noise_like, callback, condition_kwargs=None):
+                  noise_like, callback, condition_kwargs=None, mcmc_options=None):
     """The rows of one stage with Diffusion Forcing's `sample_step` (stabilization "df"); returns the final x.
 
     Per row, as DF's `ddim_sample_step` / `ddpm_sample_step`: every frame at level -1 (observed
@@ -226,6 +251,8 @@ def df_stage_loop(model, diffusion, x, x0, frame_indices, is_obs, is_latent, col
     all others keep their values exactly. The shown values go to the network both as x and as x0
     (with obs_mask marking the context), so a network reading either sees DF's input.
     condition_kwargs: the stage's cond / y / drop_cond model arguments (Conditions.model_kwargs).
+    mcmc_options: mcmc.refine's options (settings.mcmc_steps > 0): after each row, the frames that moved
+    and are still noisy are refined with the context shown as the row showed it.
     """
     B, K = column.shape
     device = x.device
@@ -237,14 +264,11 @@ def df_stage_loop(model, diffusion, x, x0, frame_indices, is_obs, is_latent, col
         return flags.view(B, K, 1, 1, 1).to(device)
 
     t_stab = torch.full((B, K), stab_t, dtype=torch.long, device=device)
-    for m in range(len(timesteps) - 1):
-        t_from, t_to = per_slot(m), per_slot(m + 1)
-        moving = is_latent & (t_to != t_from)
-        if not moving.any():
-            continue  # DF calls the network here too, but changes no frame
-        context = t_from < 0  # observed slots, padding and frames finished in this stage
-        t_model = torch.where(context, torch.full_like(t_from, stab_t), t_from)
-        context_noise = None if settings.use_ddim else noise_like()
+
+    def model_inputs(x, t_state, context_noise):
+        """(shown slots, t_model, model kwargs) of a call on the slots x at timesteps t_state [B x K] (-1: context)."""
+        context = t_state < 0  # observed slots, padding and frames finished in this stage
+        t_model = torch.where(context, torch.full_like(t_state, stab_t), t_state)
         shown = torch.where(as_mask(context), df_step.show_context(diffusion, x, t_stab, context_noise), x)
         kwargs = {
             "x0": shown,
@@ -253,6 +277,15 @@ def df_stage_loop(model, diffusion, x, x0, frame_indices, is_obs, is_latent, col
             "latent_mask": as_mask(~context).float(),
             **(condition_kwargs or {}),
         }
+        return shown, t_model, kwargs
+
+    for m in range(len(timesteps) - 1):
+        t_from, t_to = per_slot(m), per_slot(m + 1)
+        moving = is_latent & (t_to != t_from)
+        if not moving.any():
+            continue  # DF calls the network here too, but changes no frame
+        context_noise = None if settings.use_ddim else noise_like()
+        shown, t_model, kwargs = model_inputs(x, t_from, context_noise)
         t_model_dev = t_model.to(device)
         if settings.use_ddim:
             step_noise = noise_like() if settings.eta > 0 else None
@@ -265,6 +298,12 @@ def df_stage_loop(model, diffusion, x, x0, frame_indices, is_obs, is_latent, col
                 diffusion, model, shown, t_model_dev, kwargs, noise_like(), clip_noise=settings.clip_noise,
                 clip_denoised=settings.clip_denoised)
         previous, x = x, torch.where(as_mask(moving), update, x)
+        refined = moving & (t_to >= 0)  # MCMC: frames that moved and are still noisy, at their new level
+        if mcmc_options and mcmc_options["steps"] and refined.any():
+            shown_now, t_mcmc, mcmc_kwargs = model_inputs(x, torch.where(moving, t_to, t_from), context_noise)
+            refined_slots = mcmc.refine(model, diffusion, shown_now, t_mcmc.to(device), mcmc_kwargs, refined,
+                                        **mcmc_options)
+            x = torch.where(as_mask(refined), refined_slots, x)
         if callback is not None:
             callback({"row": m, "previous": previous, "x": x, "t_from": t_from, "t_to": t_to, "t_model": t_model,
                       "pred_xstart": pred_xstart})
@@ -299,14 +338,17 @@ def one_video_at_a_time(model, wrap=None):
             if b not in per_slot:
                 per_slot[b] = model if wrap is None else wrap(model)
             one = {k: v[b: b + 1] if torch.is_tensor(v) else v for k, v in kwargs.items()}
-            outs.append(model_output_tensor(per_slot[b](x[b: b + 1], t[b: b + 1], **one)))
+            out = per_slot[b](x[b: b + 1], t[b: b + 1], **one)
+            outs.append(out if kwargs.get("return_energy") else model_output_tensor(out))
+        if kwargs.get("return_energy"):  # an energy model's (prediction or None, energies): each joined
+            return tuple(None if part[0] is None else torch.cat(part) for part in zip(*outs))
         return torch.cat(outs)
 
     return call
 
 
 def sample_video(model, diffusion, videos, n_obs, plan, settings, generators=None, progress=False, callback=None,
-                 initial_noise=None, conditions=None):
+                 initial_noise=None, conditions=None, mcmc_stats=None):
     """Fill frames n_obs.. of `videos` [B x T x C x H x W] stage by stage along `plan`; returns a new tensor.
 
     `plan` is a plan object (plans.py; `Scheme.make_plan()`), asked for each stage with the videos
@@ -315,7 +357,8 @@ def sample_video(model, diffusion, videos, n_obs, plan, settings, generators=Non
     also holds the stage number. initial_noise: None, or a list with one tensor per stage
     [B x new frames x C x H x W], that stage's starting noise (to reproduce another sampler's
     trajectory). conditions: a guidance.Conditions whose actions cover all T frames (None:
-    unconditional); settings.guidance_scale != 1 guides every model call with it.
+    unconditional); settings.guidance_scale != 1 guides every model call with it. mcmc_stats: an
+    mcmc.MCMCStats of the batch, for settings.mcmc_steps > 0 (see `sample_stage`).
     """
     check_settings(settings, diffusion)
     videos = videos.clone()
@@ -332,17 +375,18 @@ def sample_video(model, diffusion, videos, n_obs, plan, settings, generators=Non
                 raise ValueError(f"initial_noise has {len(initial_noise)} tensors, but the plan has more stages.")
             stage_noise = initial_noise[stage_number]
         sample_stage(model, diffusion, videos, stage.obs, stage.latent, settings, generated, generators,
-                     stage_callback, stage_noise, conditions)
+                     stage_callback, stage_noise, conditions, mcmc_stats)
         stage_number += 1
         bar.update(1)
     bar.close()
     return videos
 
 
-def sample_with_scheme(model, diffusion, scheme, videos, generators=None, progress=False, conditions=None):
+def sample_with_scheme(model, diffusion, scheme, videos, generators=None, progress=False, conditions=None,
+                       mcmc_stats=None):
     """`sample_video` along `scheme` (a Scheme): its plan, from its first n_obs frames, with its stage settings."""
     return sample_video(model, diffusion, videos, scheme.n_obs, scheme.make_plan(), scheme.stage, generators,
-                        progress, conditions=conditions)
+                        progress, conditions=conditions, mcmc_stats=mcmc_stats)
 
 
 def preview_rollout(model, diffusion, given, T, max_frames, seed=0, actions=None):

@@ -18,7 +18,7 @@ noising them with fresh noise; "df" (`_dfstab<k>`), Diffusion Forcing's `sample_
 df-* presets' behaviour, shows every observed frame, given ones included, at timestep k - 1 scaled by
 sqrt(alpha_bar) with zero noise, and uses DF's update (sampler.py, df_step.py).
 
-To add a setting (guidance, a cache, MCMC refinement...): give `StageSettings` (or `Scheme`) a field
+To add a setting (guidance, a cache...): give `StageSettings` (or `Scheme`) a field
 with a default that means "off", check it in `check_settings`, and name it in `folder_name` when it
 is on. JSON written before the field existed then reads back with the default.
 """
@@ -35,6 +35,7 @@ from .plans import plan_stages, sampling_schemes, validate_plan_args
 
 
 STABILIZATIONS = ("generated", "df")
+MCMC_CLAMPS = ("signal_noise", "signal", "none")  # bounds on MCMC-refined values, see mcmc.py
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,12 @@ class StageSettings:
     stabilization: str = "generated"  # "generated" | "df", see above
     clip_noise: float = 0.0  # 0: Gaussian draws are not clamped
     guidance_scale: float = 1.0  # classifier-free guidance (guidance.py): 1 = the conditional model, off
+    # MCMC refinement of an energy model (mcmc.py): after each transition, mcmc_steps steps of size
+    # mcmc_step_size on the latent frames that moved and are still noisy; 0 steps: off.
+    mcmc_steps: int = 0
+    mcmc_step_size: float = 0.01
+    mcmc_noise: bool = False  # Langevin proposals with Metropolis-Hastings (MALA) instead of energy descent
+    mcmc_clamp: str = "signal_noise"  # bound on refined values: signal_noise | signal | none (mcmc.py)
 
 
 def training_steps(diffusion):
@@ -91,6 +98,14 @@ def check_settings(settings, diffusion=None):
     if not (math.isfinite(settings.guidance_scale) and settings.guidance_scale >= 0):
         raise ConfigError(f"guidance_scale must be a finite number >= 0 (1: no guidance), got "
                           f"{settings.guidance_scale}.")
+    steps = settings.mcmc_steps
+    whole = isinstance(steps, int) or (isinstance(steps, float) and steps.is_integer())
+    if isinstance(steps, bool) or not whole or steps < 0:
+        raise ConfigError(f"mcmc_steps must be 0 (off) or a positive integer, got {settings.mcmc_steps}.")
+    if not (math.isfinite(settings.mcmc_step_size) and settings.mcmc_step_size > 0):
+        raise ConfigError(f"mcmc_step_size must be a finite number > 0, got {settings.mcmc_step_size}.")
+    if settings.mcmc_clamp not in MCMC_CLAMPS:
+        raise ConfigError(f"unknown mcmc_clamp {settings.mcmc_clamp!r}; valid names are {', '.join(MCMC_CLAMPS)}.")
     if diffusion is None:
         return
     N = diffusion.num_timesteps
@@ -155,7 +170,8 @@ class Scheme:
     def from_preset(cls, name, *, T, max_frames, n_obs=None, max_latent_frames=None, noise_schedule=None,
                     uncertainty_scale=None, stabilization_level=None, chunk_size=None, optimality=None,
                     sampling_steps=0, use_ddim=False, eta=0.0, clip_denoised=None, timestep_respacing="",
-                    stabilization=None, clip_noise=0.0, guidance_scale=1.0, diffusion_config=None):
+                    stabilization=None, clip_noise=0.0, guidance_scale=1.0, mcmc_steps=0, mcmc_step_size=0.01,
+                    mcmc_noise=False, mcmc_clamp="signal_noise", diffusion_config=None):
         """The preset `name` with the given overrides (None: the preset's), validated.
 
         The step size is `max_latent_frames`, or max_frames // 2 when that is None. A chunk_size > 0
@@ -187,6 +203,8 @@ class Scheme:
             stabilization=preset.stabilization if stabilization is None else stabilization,
             clip_noise=float(clip_noise),
             guidance_scale=float(guidance_scale),
+            mcmc_steps=mcmc_steps, mcmc_step_size=float(mcmc_step_size), mcmc_noise=bool(mcmc_noise),
+            mcmc_clamp=mcmc_clamp,
         )
         scheme = cls(sampling_scheme=name, plan=plan, T=T, n_obs=max_frames - step if n_obs is None else n_obs,
                      max_frames=max_frames, step_size=step,
@@ -278,6 +296,10 @@ class Scheme:
             name += "_noclip"
         if st.guidance_scale != 1:
             name += f"_cfg{st.guidance_scale:g}"
+        if st.mcmc_steps:
+            name += f"_mcmc{st.mcmc_steps}x{st.mcmc_step_size:g}" + ("_langevin" if st.mcmc_noise else "")
+            if st.mcmc_clamp != "signal_noise":
+                name += f"_clamp-{st.mcmc_clamp}"
         if self.timestep_respacing:
             name += f"_{self.timestep_respacing}"
         return name
