@@ -82,6 +82,20 @@ class Logger:
             self._write_csv(row)
         return row
 
+    def log_row(self, row, step):
+        """Write `row` now as a row of its own (CSV and wandb), leaving the values being accumulated alone.
+
+        For figures measured at a step that has no log line (validation between log intervals), so they
+        are recorded at the step they belong to.
+        """
+        if not self.enabled or not row:
+            return row
+        if self.run is not None:
+            self.run.log(dict(row), step=step)
+        if self.csv_path:
+            self._write_csv(dict(row))
+        return row
+
     def _write_csv(self, row):
         if self.csv_fields is None and os.path.exists(self.csv_path):
             with open(self.csv_path, newline="") as f:

@@ -46,6 +46,19 @@ frame of dmlab / minecraft episodes, as Diffusion Forcing does. For example:
         --noise_schedule cosine --T 8 --pad_with_random_frames False --batch_size 8 --lr 1e-3 \
         --ema_rate 0.995 --noise_mode mixed --cond_dim -1 --cond_drop_prob 0.1 --max_steps 2700
 
+Measuring a run while it trains (on the EMA model, without changing what is trained): --val_interval N
+logs val_loss (and val_loss_q0..q3 per quarter of the timestep range), the diffusion loss on --val_videos
+fixed test clips with fixed masks, timesteps and noise, comparable across steps, resumes and rank
+counts; --eval_interval N samples --eval_videos test videos with --eval_scheme (DDIM, --eval_respacing,
+--eval_T frames) and logs eval_psnr, eval_ssim and the dataset's own metrics, with the samples in
+<run dir>/evals/step<N>/ (rank 0 samples while the other ranks wait, so keep it small); --keep_best
+val_loss (or eval_psnr, ...) keeps the best EMA weights as <run dir>/best_<figure>.pt. Every log line
+also reports data_wait (seconds per step spent waiting for data), grad_norm, peak_mem_mb and
+nonfinite_skipped. For example:
+
+    python scripts/video_train.py --dataset bouncing_balls --max_frames 8 --T 16 --val_interval 500 \
+        --val_videos 16 --eval_interval 5000 --eval_videos 8 --keep_best val_loss
+
 --precision bf16 (or fp16, with dynamic loss scaling; FDM's --use_fp16 True means fp16) runs the
 network's forward in 16 bits under autocast; weights, optimizer state, EMAs and checkpoints stay
 float32. --compile True trains through torch.compile (the first steps take minutes to compile).

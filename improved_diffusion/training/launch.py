@@ -31,12 +31,18 @@ from ..models import ModelConfig, create_model, parse_channel_mult
 from ..sampling.sampler import preview_rollout
 from . import checkpoint_io
 from .train_loop import Preempted, TrainConfig, TrainLoop, parse_ema_rates
+from .validation import SampleEvaluation, make_validation
 
 # Flags a resumed run takes from the command line (when given); every other one comes from the run.
 # --compile changes how fast the same steps run (a machine without a compiler can continue a compiled
 # run), not what is trained; --precision changes the numbers, so it stays the run's own.
+# --val_interval and --eval_interval only say how often the run is measured (measurements never change
+# the training run), and --keep_best only which figure's best checkpoint is kept, so a resumed run may
+# change them. What the figures mean stays the run's own: --val_videos (another set of clips gives
+# another val_loss, so the curve and the best value read back from best_val_loss.pt would stop being
+# comparable across the resume), and likewise --eval_videos, --eval_scheme, --eval_T, --eval_respacing.
 HOUSEKEEPING = ("max_steps", "log_interval", "save_interval", "sample_interval", "keep_last", "num_workers",
-                "max_nonfinite_steps", "compile")
+                "max_nonfinite_steps", "compile", "val_interval", "eval_interval", "keep_best")
 
 
 def find_run(args):
@@ -212,6 +218,10 @@ def train(args, default_of):
     dataset = get_dataset(train_cfg.dataset, split="train", T=train_cfg.T, image_size=model_cfg.image_size,
                           on_bad_video=train_cfg.on_bad_video, frame_skip=train_cfg.frame_skip)
     resolve_conditioning(model_cfg, dataset, rank)
+    # Measurements read their test videos (and check their flags) before the model is built.
+    num_timesteps = create_diffusion(diffusion_cfg, timestep_respacing="").num_timesteps
+    validation = make_validation(train_cfg, model_cfg, num_timesteps, rank, world_size)
+    evaluation = SampleEvaluation.from_config(train_cfg, model_cfg, diffusion_cfg, run_dir)
     saved_config = {**dataclasses.asdict(train_cfg), **dataclasses.asdict(model_cfg),
                     **dataclasses.asdict(diffusion_cfg), "wandb_id": run_id, "world_size": world_size}
     torch.manual_seed(train_cfg.seed)  # the same initial weights on every rank and in every run
@@ -235,7 +245,8 @@ def train(args, default_of):
     loop = TrainLoop(model=model, diffusion=diffusion, data=None, config=train_cfg, run_dir=run_dir,
                      saved_config=saved_config, logger=logger, start_step=start_step,
                      preview=make_preview(train_cfg, model_cfg, diffusion_cfg, run_dir, logger),
-                     cond_drop_prob=model_cfg.cond_drop_prob)
+                     cond_drop_prob=model_cfg.cond_drop_prob, validation=validation,
+                     evaluation=evaluation)
     if steps:
         step = loop.load_newest_readable(steps)
         logger.info(f"resuming run {run_id} from step {step}")

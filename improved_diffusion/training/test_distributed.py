@@ -7,6 +7,8 @@ after training, --die_rank/--die_step make one rank vanish mid-run.
 """
 
 import argparse
+import csv
+import json
 import os
 import runpy
 import subprocess
@@ -60,7 +62,8 @@ def ddp_runs(tmp_path_factory):
         pytest.skip("no mpiexec beside the Python executable")
     tmp = tmp_path_factory.mktemp("ddp")
     common = TINY + ["--noise_mode", "mixed", "--lr", "1e-3", "--ema_rate", "0.5", "--max_steps", "3",
-                     "--save_interval", "100", "--checkpoint_dir", tmp / "ckpt"]
+                     "--save_interval", "100", "--checkpoint_dir", tmp / "ckpt", "--val_interval", "1",
+                     "--val_videos", "3"]
     two, _ = worker(["--global_data", "--dump", tmp / "two", "--", *common, "--batch_size", "2",
                      "--microbatch", "1"], tmp, ranks=2)
     assert two.returncode == 0, two.stderr[-3000:]
@@ -99,6 +102,22 @@ def test_two_ranks_equal_one_rank_with_twice_the_batch(ddp_runs):
         gap = max((a[k] - b[k]).abs().max().item() for k in b)
         assert moved > 1e-4, "training did not change the parameters"
         assert gap < 0.2 * lr, f"{key}: 2 ranks x 2 and 1 rank x 4 differ by {gap} (training moved them {moved})"
+
+
+@needs_mpiexec
+def test_validation_gives_the_same_figures_on_one_and_two_ranks(ddp_runs):
+    """The 3 validation clips split 1 + 2 over two ranks; the gathered per-clip losses make the same figures."""
+    figures = {}
+    for run_dir in (ddp_runs / "ckpt").iterdir():
+        world_size = json.loads((run_dir / "config.json").read_text())["world_size"]
+        with open(run_dir / "progress.csv") as f:
+            figures[world_size] = [{k: float(v) for k, v in row.items() if k.startswith("val_loss") and v}
+                                   for row in csv.DictReader(f)]
+    assert len(figures[1]) == len(figures[2]) == 3
+    for one, two in zip(figures[1], figures[2]):
+        assert one.keys() == two.keys() and "val_loss" in one
+        for key in one:  # the weights themselves differ by float rounding (see above)
+            assert two[key] == pytest.approx(one[key], rel=1e-5), key
 
 
 @needs_mpiexec

@@ -74,13 +74,14 @@ def test_examples_without_padding_frames_are_zero_padded_to_a_common_length():
 # ----------------------------------------------------------------------------- TrainLoop in this process
 
 
-def tiny_loop(tmp_path, monkeypatch, diffusion_cfg=None, image_size=16, use_checkpoint=False, **overrides):
+def tiny_loop(tmp_path, monkeypatch, diffusion_cfg=None, image_size=16, use_checkpoint=False, dropout=0.0,
+              **overrides):
     """A TrainLoop of the tiny model on bouncing_balls; `overrides` are TrainConfig fields."""
     monkeypatch.setenv("WANDB_MODE", "disabled")
     values = dict(batch_size=2, max_frames=4, T=10, save_interval=1000, log_interval=1, ema_rate="0.9", max_steps=4)
     cfg = TrainConfig(**{**values, **overrides})
     model_cfg = ModelConfig(image_size=image_size, num_channels=32, num_res_blocks=1, channel_mult="1,2",
-                            attention_resolutions="8", num_heads=2, use_checkpoint=use_checkpoint)
+                            attention_resolutions="8", num_heads=2, use_checkpoint=use_checkpoint, dropout=dropout)
     torch.manual_seed(0)
     model = create_model(model_cfg)
     diffusion = create_diffusion(diffusion_cfg or DiffusionConfig(diffusion_steps=50))
@@ -118,7 +119,7 @@ def test_nonfinite_losses_skip_steps_then_stop_with_the_last_checkpoint_intact(t
     assert all(torch.equal(p, saved[name]) for name, p in loop.model.named_parameters())
     with open(os.path.join(loop.run_dir, "progress.csv")) as f:
         skipped = [row["nonfinite_skipped"] for row in csv.DictReader(f)]
-    assert skipped == ["", "", "", "1", "2"]  # the third skip raises before its row is written
+    assert skipped == ["0", "0", "0", "1", "2"]  # the third skip raises before its row is written
 
 
 def test_keep_last_keeps_the_newest_complete_steps(tmp_path, monkeypatch, one_thread):

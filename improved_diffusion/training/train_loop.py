@@ -31,9 +31,13 @@ cond_drop_prob p > 0 each example's conditions are replaced by the model's null 
 probability p, drawn from the example's own generator after its masks, so a resumed run repeats it.
 """
 
+import contextlib
 import copy
 import math
+import random
+import resource
 import signal
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -94,6 +98,25 @@ class TrainConfig:
     frame_skip: int = field(default=1, metadata={"help": (
         "keep every k-th frame of the dataset's videos, with the action of each kept frame (dmlab and minecraft, "
         "as Diffusion Forcing; the default --T becomes the episode length // k)")})
+    val_interval: int = field(default=0, metadata={"help": (
+        "every N steps, log val_loss: the EMA model's diffusion loss on --val_videos fixed test clips, with fixed "
+        "frame masks, timesteps and noise, so curves compare across steps and resumes (0: off)")})
+    val_videos: int = field(default=16, metadata={"help": (
+        "test clips in the validation set (split across ranks); part of what val_loss means, so a resumed run "
+        "keeps its own")})
+    eval_interval: int = field(default=0, metadata={"help": (
+        "every N steps, sample --eval_videos test videos from the EMA model with --eval_scheme and log their "
+        "metrics (eval_psnr, eval_ssim, ...) and videos, written to <run dir>/evals/step<N>/ (0: off)")})
+    eval_videos: int = field(default=8, metadata={"help": "test videos sampled at each evaluation"})
+    eval_scheme: str = field(default="autoreg", metadata={"help": "the sampling scheme of evaluations (any registered name)"})
+    eval_T: int = field(default=-1, metadata={"help": (
+        "length of the videos sampled at evaluations (-1: min(2 x max_frames, T))")})
+    eval_respacing: str = field(default="ddim25", metadata={"help": (
+        "timestep respacing of evaluation sampling (DDIM, as previews; '' samples the whole chain)")})
+    keep_best: str = field(default="", metadata={"help": (
+        "also keep the EMA checkpoint with the best value of this figure as <run dir>/best_<figure>.pt: val_loss "
+        "(or val_loss_q0..3; lower is better, needs --val_interval) or an eval figure such as eval_psnr, eval_ssim "
+        "(needs --eval_interval); empty: off")})
 
     def validate(self):
         """Raise ConfigError naming the first flag that training cannot run with (cheap: no files read).
@@ -133,6 +156,17 @@ class TrainConfig:
                               ("on_bad_video", ON_BAD_VIDEO)):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"--{name} must be one of {', '.join(allowed)}, got '{getattr(self, name)}'.")
+        for name in ("val_interval", "eval_interval"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"--{name} must be 0 (off) or positive, got {getattr(self, name)}.")
+        for name in ("val_videos", "eval_videos"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name} must be a positive integer, got {getattr(self, name)}.")
+        if self.eval_T != -1 and self.eval_T < 2:
+            raise ConfigError(f"--eval_T must be -1 (min(2 x max_frames, T)) or at least 2, got {self.eval_T}.")
+        from .validation import check_measurements  # validation builds on this module
+
+        check_measurements(self)
 
     def training_precision(self):
         """The precision training runs in: FDM's --use_fp16 True is --precision fp16."""
@@ -189,7 +223,12 @@ def compile_network(network):
 
 def example_generators(seed, step, index):
     """numpy and torch generators of one training example, from (seed, step, global example index)."""
-    rng = np.random.default_rng([seed, step, index])
+    return generators_of([seed, step, index])
+
+
+def generators_of(key):
+    """numpy and torch generators from one numpy seed `key` (a list of non-negative integers)."""
+    rng = np.random.default_rng(key)
     torch_gen = torch.Generator().manual_seed(int(rng.integers(0, 2**62)))
     return rng, torch_gen
 
@@ -220,7 +259,7 @@ def collate(examples):
 
 
 def training_batch(videos, pad_videos, first_index, seed, step, max_frames, noise_mode, num_timesteps, p=None,
-                   actions=None, pad_actions=None, labels=None, cond_drop_prob=0.0):
+                   actions=None, pad_actions=None, labels=None, cond_drop_prob=0.0, generators=None):
     """One rank's training examples: frames, masks, timesteps and noise, example j being global example first_index + j.
 
     videos, pad_videos: [B x T x C x H x W] (pad_videos None: no padding frames); p: the
@@ -231,10 +270,15 @@ def training_batch(videos, pad_videos, first_index, seed, step, max_frames, nois
     probability per example. Classifier-free guidance samples the unconditional branch with
     every condition of a video null at once, so conditions are dropped per video (all frames'
     vectors and the label together): exactly the input the guided sampler shows the model.
+    generators: a function of the global example index giving its (numpy, torch) generators, for
+    examples that are not training ones (validation.py); None: example_generators(seed, step, index).
     """
     examples = []
     for j in range(len(videos)):
-        rng, torch_gen = example_generators(seed, step, first_index + j)
+        if generators is None:
+            rng, torch_gen = example_generators(seed, step, first_index + j)
+        else:
+            rng, torch_gen = generators(first_index + j)
         pad = None if pad_videos is None else pad_videos[j: j + 1]
         example = training_example(
             videos[j: j + 1], pad, max_frames, noise_mode, num_timesteps, rng, p,
@@ -254,12 +298,96 @@ def training_batch(videos, pad_videos, first_index, seed, step, max_frames, nois
 CONDITION_KEYS = ("cond", "y", "drop_cond")  # a training batch's entries that go to the model as they are
 
 
+def example_losses(network, diffusion, part, pad_with_random_frames):
+    """Per-example loss terms of a training batch `part` (training_batch's dict, on the network's device).
+
+    The one definition of the training loss, which validation.py evaluates too. Returns (terms
+    {name: [B]}, loss mask [B x K x 1 x 1 x 1], per-frame terms {name: [B x K]}, trained frames
+    [B x K], trained-frame count [B]).
+    """
+    x, t = part["x"], part["t"]
+    obs_mask, latent_mask = part["obs_mask"], part["latent_mask"]
+    x0 = x
+    if part["noisy_obs"].any():
+        # Observed frames shown slightly noisy (mixed mode): noise them to their own t.
+        obs_noise = diffusion.training_noise(part["obs_noise"])
+        x0 = diffusion.q_sample(x, t, obs_noise, latent_mask=part["noisy_obs"])
+    # Loss on every frame that is not observed: latent and padding frames (FDM).
+    loss_mask = 1 - obs_mask if pad_with_random_frames else latent_mask
+    model_kwargs = {"x0": x0, "frame_indices": part["frame_indices"], "obs_mask": obs_mask,
+                    "latent_mask": latent_mask, **{k: part[k] for k in CONDITION_KEYS if k in part}}
+    B, K = loss_mask.shape[:2]
+    # SNR loss weights (diffusion/loss_weights): clean observed frames are known; the running
+    # SNR goes over the example's own frames (observed and latent), not over padding frames.
+    known = (obs_mask > 0) & ~(part["noisy_obs"] > 0)
+    frame_weights = diffusion.loss_frame_weights(t, K, known=known.view(B, K),
+                                                 in_sequence=((obs_mask + latent_mask) > 0).view(B, K))
+    frame_terms = diffusion.training_losses(network, x, t, model_kwargs, noise=part["noise"],
+                                            latent_mask=loss_mask, per_frame_terms=True,
+                                            frame_weights=frame_weights)
+    # Each trained frame's loss times its timestep's importance weight, averaged over the
+    # example's trained frames (with uniform timesteps every weight is 1).
+    trained = loss_mask.view(B, K)
+    weights = part["weights"].view(B, -1)
+    count = trained.sum(1).clamp(min=1)
+    terms = {k: (v * weights).sum(1) / count for k, v in frame_terms.items()}
+    return terms, loss_mask, frame_terms, trained, count
+
+
+def timestep_quarters(t, trained, num_timesteps):
+    """Which quarter (0..3) of the timestep range each example's loss belongs to, [B] long.
+
+    A per-video t is its own; a per-frame t counts as the mean t of the example's trained frames.
+    """
+    B = t.shape[0]
+    if t.dim() == 2:
+        weights = trained.view(B, -1)
+        t_example = (t.float() * weights).sum(1) / weights.sum(1).clamp(min=1)
+    else:
+        t_example = t.float()
+    return (4 * t_example / num_timesteps).long().clamp(max=3)
+
+
+def peak_memory_mb(device):
+    """The most memory this process has held so far, in MiB: CUDA memory allocated on a GPU, else peak RSS."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes on macOS, KiB on Linux
+
+
+@contextlib.contextmanager
+def random_state_kept(device):
+    """Run the block and restore torch's (CPU and this CUDA device's), numpy's and Python's global RNG states.
+
+    Measurements during training (validation, evaluation, previews) must not move the training run's
+    random numbers, whatever the code they call draws.
+    """
+    np_state, py_state = np.random.get_state(), random.getstate()
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        try:
+            yield
+        finally:
+            np.random.set_state(np_state)
+            random.setstate(py_state)
+
+
 def split_data(item):
     """(videos, actions, labels) of what `data(step)` returned: videos alone or a tuple of two or three."""
     if not isinstance(item, (tuple, list)):
         return item, None, None
     videos, actions, labels = (*item, None, None)[:3]
     return videos, actions, labels
+
+
+def gradient_norm(params):
+    """The global 2-norm of the parameters' gradients (a 0-d tensor), as clip_grad_norm_ computes it."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    if hasattr(torch.nn.utils, "get_total_norm"):  # torch >= 2.6
+        return torch.nn.utils.get_total_norm(grads, foreach=True)
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2.0)), 2.0)
 
 
 def update_ema(target_params, source_params, rate):
@@ -296,10 +424,16 @@ class TrainLoop:
 
     The first B videos are trained on; the other B provide padding frames (FDM). Only rank
     0 logs and writes files.
+
+    Measurements (validation.py): `validation` (a ValidationSet, on every rank) gives val_loss every
+    --val_interval steps; `evaluation` (callable(step, ema_model, logger) -> {figure: value}, rank 0) samples
+    and scores test videos every --eval_interval steps. Both see a copy of the EMA model with every
+    global RNG state restored afterwards, so they never change what is trained. --keep_best keeps the
+    EMA weights of the best value of one figure as best_<figure>.pt.
     """
 
     def __init__(self, *, model, diffusion, data, config: TrainConfig, run_dir, saved_config, logger,
-                 device=None, start_step=0, preview=None, cond_drop_prob=0.0):
+                 device=None, start_step=0, preview=None, cond_drop_prob=0.0, validation=None, evaluation=None):
         self.model = model
         self.diffusion = diffusion
         self.data = data
@@ -316,6 +450,9 @@ class TrainLoop:
         self.step = start_step
         self.last_saved_step = None
         self.nonfinite_in_a_row = 0
+        self.nonfinite_skipped = 0  # non-finite steps skipped in the whole run (saved with the optimizer)
+        self.grad_norm_sum, self.grad_norm_count = None, 0  # this log interval's, a tensor: no device sync per step
+        self.data_wait = 0.0  # seconds the last step waited for its batch
         self.stop_signal = None
         self.cond_drop_prob = cond_drop_prob  # ModelConfig.cond_drop_prob: the model has null conditions when > 0
         network_config = getattr(model, "config", None)  # what the model is conditioned on, so data can be checked
@@ -323,6 +460,14 @@ class TrainLoop:
         self.num_classes = getattr(network_config, "num_classes", 0)
 
         self.preview = preview  # callable(step, ema_model), run on rank 0 every sample_interval steps
+        self.validation = validation
+        self.evaluation = evaluation
+        self.best = None  # (value, step) of --keep_best's figure, read back from its file on a resume
+        if config.keep_best:
+            from .validation import figure_direction, read_best  # validation builds on this module
+
+            self.best_higher = figure_direction(config.keep_best) == "higher"
+            self.best = read_best(self.best_path(), self.logger) if self.rank == 0 else None
         self.params = list(model.parameters())
         dist_util.sync_params(self.params)  # before the EMA copies: every rank starts from rank 0's weights
         # foreach: one multi-tensor update instead of a Python loop over parameters (CPU default).
@@ -346,7 +491,7 @@ class TrainLoop:
 
     def read_step(self, step):
         """(model state, EMA states, optimizer state, schedule sampler state, fp16 loss scaler state or
-        None) of a complete step.
+        None, non-finite steps skipped before it) of a complete step.
 
         Optimizer files are ours ({"optimizer", "step", ...}) or FDM's (the optimizer's bare
         state_dict, written by FDM's train_util.TrainLoop.save); model and EMA files have the
@@ -356,9 +501,10 @@ class TrainLoop:
         states = [read_model_checkpoint(path)["state_dict"] for path in [model_file, *ema_files]]
         opt = read_checkpoint_file(opt_file)
         if isinstance(opt, dict) and "optimizer" in opt:
-            return states[0], states[1:], opt["optimizer"], opt.get("schedule_sampler"), opt.get("grad_scaler")
+            return (states[0], states[1:], opt["optimizer"], opt.get("schedule_sampler"), opt.get("grad_scaler"),
+                    int(opt.get("nonfinite_skipped", 0)))
         if isinstance(opt, dict) and {"state", "param_groups"} <= set(opt):
-            return states[0], states[1:], opt, None, None
+            return states[0], states[1:], opt, None, None, 0
         raise CheckpointError(f"'{opt_file}' is not an optimizer checkpoint: it has neither 'optimizer' "
                               f"nor 'state' and 'param_groups'.")
 
@@ -385,7 +531,7 @@ class TrainLoop:
         found = dist_util.broadcast_object(found)
         if isinstance(found, CheckpointError):
             raise found
-        step, (model_state, ema_states, opt_state, sampler_state, scaler_state) = found
+        step, (model_state, ema_states, opt_state, sampler_state, scaler_state, nonfinite_skipped) = found
         names = [name for name, _ in self.model.named_parameters()]
         try:
             self.model.load_state_dict(model_state)
@@ -407,6 +553,7 @@ class TrainLoop:
         # Files written in fp32 or bf16 have no loss scale: fp16 then starts from the initial one.
         if scaler_state and self.scaler.is_enabled():
             self.scaler.load_state_dict(scaler_state)
+        self.nonfinite_skipped = nonfinite_skipped
         self.step = self.last_saved_step = step
         return step
 
@@ -440,6 +587,7 @@ class TrainLoop:
         bar = tqdm(initial=self.step, total=self.cfg.max_steps or None, disable=self.rank != 0, desc="train",
                    dynamic_ncols=True)
         last_time, last_step = time.time(), self.step
+        measuring = 0.0  # seconds spent on validation and evaluation since the last log line
         handlers = {}
         if threading.current_thread() is threading.main_thread():
             handlers = {s: signal.signal(s, self.request_stop) for s in STOP_SIGNALS}
@@ -449,21 +597,31 @@ class TrainLoop:
                 self.step += 1
                 bar.update(1)
                 if loss is not None:
-                    bar.set_postfix(loss=f"{loss:.4f}")
+                    bar.set_postfix(loss=f"{loss:.4f}", data_wait=f"{self.data_wait:.3f}s")
+                started = time.time()
+                figures = self.measure()
+                measuring += time.time() - started
                 if self.step % self.cfg.log_interval == 0:
                     now = time.time()
-                    steps_per_s = (self.step - last_step) / max(now - last_time, 1e-9)
+                    # Training speed: the time measurements took is not training time.
+                    steps_per_s = (self.step - last_step) / max(now - last_time - measuring, 1e-9)
                     self.logger.logkv("steps_per_sec", steps_per_s)
                     self.logger.logkv("samples_per_sec", steps_per_s * self.cfg.batch_size * self.world_size)
                     self.logger.logkv("lr", self.lr_at(self.step - 1))
+                    self.log_health()
+                    for key, value in figures.items():
+                        self.logger.logkv(key, value)
                     self.logger.logkv("step", self.step)
                     self.logger.dump(self.step)
-                    last_time, last_step = now, self.step
+                    last_time, last_step, measuring = now, self.step, 0.0
+                elif figures:  # a measurement between log lines gets a row of its own, at its own step
+                    self.logger.log_row({**figures, "step": self.step}, self.step)
                 if self.step % self.cfg.save_interval == 0:
                     self.save()
                 if self.preview is not None and self.rank == 0 and self.cfg.sample_interval > 0 \
                         and self.step % self.cfg.sample_interval == 0:
-                    self.preview(self.step, self.ema_model())
+                    with random_state_kept(self.device):
+                        self.preview(self.step, self.ema_model())
                 if dist_util.any_rank(self.stop_signal is not None):  # every rank stops at the same step
                     if self.last_saved_step != self.step:
                         self.save()
@@ -475,8 +633,69 @@ class TrainLoop:
         if self.last_saved_step != self.step:
             self.save()
 
+    def log_health(self):
+        """What every log line reports besides losses and speed: gradient norm, peak memory, skipped steps."""
+        if self.grad_norm_count:  # the mean global 2-norm of the steps taken since the last log line
+            self.logger.logkv("grad_norm", float(self.grad_norm_sum) / self.grad_norm_count)
+            self.grad_norm_sum, self.grad_norm_count = None, 0
+        self.logger.logkv("peak_mem_mb", peak_memory_mb(self.device))
+        self.logger.logkv("nonfinite_skipped", self.nonfinite_skipped)
+
+    # ------------------------------------------------------------------ measurements
+
+    def measure(self):
+        """Validate and evaluate when due, then keep the best checkpoint; returns the figures to log.
+
+        Validation runs on every rank (each computes its share of the clips); evaluation on rank 0.
+        """
+        figures = {}
+        if self.validation is not None and self.cfg.val_interval > 0 and self.step % self.cfg.val_interval == 0:
+            figures.update(self.validate())
+        if self.evaluation is not None and self.rank == 0 and self.cfg.eval_interval > 0 \
+                and self.step % self.cfg.eval_interval == 0:
+            figures.update(self.evaluate())
+        if figures:
+            self.keep_best_if_better(figures)
+        return figures
+
+    def validate(self):
+        """{val_loss, val_loss_q0..3} of the EMA model (first rate) on the validation set, the same on every rank.
+
+        The loss runs at the training precision, eagerly (a compiled network would recompile for the copy).
+        """
+        with random_state_kept(self.device), torch.no_grad():
+            network = PrecisionModel(self.ema_model(), self.precision, self.device)
+            return self.validation.figures(network, self.diffusion, batch_size=self.microbatch, device=self.device)
+
+    def evaluate(self):
+        """The evaluation's figures (eval_psnr, ...) of the EMA model at this step (rank 0)."""
+        with random_state_kept(self.device), torch.no_grad():
+            return self.evaluation(self.step, self.ema_model(), self.logger)
+
+    def best_path(self):
+        return checkpoint_io.bf.join(self.run_dir, f"best_{self.cfg.keep_best}.pt")
+
+    def keep_best_if_better(self, figures):
+        """--keep_best: when this step's figure beats the best so far, write the EMA checkpoint to best_<figure>.pt.
+
+        Rank 0 only. The file holds the step and the figure's value, which a resumed run reads back.
+        A NaN is never better; the first finite-or-infinite value always is.
+        """
+        name = self.cfg.keep_best
+        if not name or self.rank != 0 or name not in figures:
+            return
+        value = float(figures[name])
+        if math.isnan(value):
+            return
+        if self.best is not None and not (value > self.best[0] if self.best_higher else value < self.best[0]):
+            return
+        state = self.ema_state_dict(self.ema_params[0])
+        checkpoint_io.atomic_save({**self.checkpoint_dict(state), "figure": name, "value": value}, self.best_path())
+        self.best = (value, self.step)
+        self.logger.info(f"step {self.step}: best {name} so far ({value:.6g}), saved to {self.best_path()}")
+
     def ema_model(self):
-        """A copy of the model holding the first EMA rate's weights, in eval mode (for previews)."""
+        """A copy of the model holding the first EMA rate's weights, in eval mode (previews and measurements)."""
         model = copy.deepcopy(self.model)
         with torch.no_grad():
             for p, e in zip(model.parameters(), self.ema_params[0]):
@@ -486,7 +705,11 @@ class TrainLoop:
     def run_step(self):
         """One optimizer step; returns rank 0's mean loss, or None when it was skipped for a non-finite loss."""
         torch.manual_seed(step_seed(self.cfg.seed, self.step, self.rank))  # dropout
-        videos, actions, labels = split_data(self.data(self.step))
+        started = time.perf_counter()
+        item = self.data(self.step)
+        self.data_wait = time.perf_counter() - started  # the loader fell behind the model by this much
+        self.logger.logkv_mean("data_wait", self.data_wait)
+        videos, actions, labels = split_data(item)
         if (self.cond_dim and actions is None) or (self.num_classes and labels is None):
             raise ValueError(f"the model is conditioned on {'actions' if self.cond_dim else 'labels'}, but data(step) "
                              f"gave none: it must return (videos, actions, labels).")
@@ -527,11 +750,16 @@ class TrainLoop:
         elif not dist_util.all_ranks_agree(math.isfinite(total) and self.grads_finite()):
             return self.skip_step()
         self.nonfinite_in_a_row = 0
+        # The global 2-norm over all parameters (of the true, unscaled gradients), logged always and
+        # clipped with --grad_clip, as Lightning's gradient_clip_val (DF's exp_video.yaml: 1.0).
+        # Gradients are already averaged over ranks, so all agree.
         if self.cfg.grad_clip > 0:
-            # One global 2-norm over all parameters, as Lightning's gradient_clip_val (DF's
-            # exp_video.yaml: 1.0). Gradients are already averaged over ranks, so all agree.
             norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip, foreach=True)
-            self.logger.logkv_mean("grad_norm", float(norm))
+        else:
+            norm = gradient_norm(self.params)
+        norm = norm.detach().float()
+        self.grad_norm_sum = norm if self.grad_norm_sum is None else self.grad_norm_sum + norm
+        self.grad_norm_count += 1
         self.scaler.step(self.opt)  # opt.step() (the gradients are finite here)
         self.scaler.update()  # fp16: doubles the scale after growth_interval steps in a row
         if self.scaler.is_enabled():
@@ -549,8 +777,8 @@ class TrainLoop:
 
     def skip_step(self):
         self.nonfinite_in_a_row += 1
+        self.nonfinite_skipped += 1
         self.opt.zero_grad(set_to_none=True)
-        self.logger.logkv("nonfinite_skipped", self.nonfinite_in_a_row)
         self.logger.info(f"step {self.step}: non-finite loss, optimizer step skipped")
         if self.nonfinite_in_a_row >= self.cfg.max_nonfinite_steps:
             raise TrainingError(
@@ -586,34 +814,10 @@ class TrainLoop:
         return f"{last}, in {self.run_dir}"
 
     def microbatch_loss(self, batch, start, end):
-        dev = self.device
-        part = {k: v[start:end].to(dev) for k, v in batch.items()}
-        x, t = part["x"], part["t"]
-        obs_mask, latent_mask = part["obs_mask"], part["latent_mask"]
-        x0 = x
-        if part["noisy_obs"].any():
-            # Observed frames shown slightly noisy (mixed mode): noise them to their own t.
-            obs_noise = self.diffusion.training_noise(part["obs_noise"])
-            x0 = self.diffusion.q_sample(x, t, obs_noise, latent_mask=part["noisy_obs"])
-        # Loss on every frame that is not observed: latent and padding frames (FDM).
-        loss_mask = 1 - obs_mask if self.cfg.pad_with_random_frames else latent_mask
-        model_kwargs = {"x0": x0, "frame_indices": part["frame_indices"], "obs_mask": obs_mask,
-                        "latent_mask": latent_mask, **{k: part[k] for k in CONDITION_KEYS if k in part}}
-        B, K = loss_mask.shape[:2]
-        # SNR loss weights (diffusion/loss_weights): clean observed frames are known; the running
-        # SNR goes over the example's own frames (observed and latent), not over padding frames.
-        known = (obs_mask > 0) & ~(part["noisy_obs"] > 0)
-        frame_weights = self.diffusion.loss_frame_weights(t, K, known=known.view(B, K),
-                                                          in_sequence=((obs_mask + latent_mask) > 0).view(B, K))
-        frame_terms = self.diffusion.training_losses(self.network, x, t, model_kwargs, noise=part["noise"],
-                                                     latent_mask=loss_mask, per_frame_terms=True,
-                                                     frame_weights=frame_weights)
-        # Each trained frame's loss times its timestep's importance weight, averaged over the
-        # example's trained frames (with uniform timesteps every weight is 1).
-        trained = loss_mask.view(B, K)
-        weights = part["weights"].view(B, -1)
-        count = trained.sum(1).clamp(min=1)
-        terms = {k: (v * weights).sum(1) / count for k, v in frame_terms.items()}
+        part = {k: v[start:end].to(self.device) for k, v in batch.items()}
+        terms, loss_mask, frame_terms, trained, count = example_losses(self.network, self.diffusion, part,
+                                                                       self.cfg.pad_with_random_frames)
+        t = part["t"]
         return terms["loss"].mean(), terms, t, loss_mask, self.losses_seen(t, frame_terms["loss"], trained, count)
 
     def losses_seen(self, t, frame_losses, trained, count):
@@ -634,13 +838,7 @@ class TrainLoop:
 
     def log_loss_terms(self, terms, t, trained):
         """Mean of each loss term, overall and per quarter of the timestep range."""
-        B = t.shape[0]
-        if t.dim() == 2:  # per-frame t: the mean t of each example's trained frames
-            weights = trained.view(B, -1)
-            t_example = (t.float() * weights).sum(1) / weights.sum(1).clamp(min=1)
-        else:
-            t_example = t.float()
-        quarter = (4 * t_example / self.diffusion.num_timesteps).long().clamp(max=3)
+        quarter = timestep_quarters(t, trained, self.diffusion.num_timesteps)
         for key, values in terms.items():
             values = values.detach().float()
             self.logger.logkv_mean(key, values.mean().item())
@@ -654,16 +852,14 @@ class TrainLoop:
     def save(self):
         """Write EMA, model and optimizer files for this step (rank 0), each atomically."""
         if self.rank == 0:
-            names = [name for name, _ in self.model.named_parameters()]
             model_state = to_cpu(self.model.state_dict())
-            for rate, ema, path in zip(self.ema_rates, self.ema_params, self.step_files()):
-                state = copy.copy(model_state)
-                state.update({n: p.detach().cpu() for n, p in zip(names, ema)})
-                checkpoint_io.atomic_save(self.checkpoint_dict(state), path)
+            for ema, path in zip(self.ema_params, self.step_files()):
+                checkpoint_io.atomic_save(self.checkpoint_dict(self.ema_state_dict(ema, model_state)), path)
             *_, model_file, opt_file = self.step_files()
             checkpoint_io.atomic_save(self.checkpoint_dict(model_state), model_file)
             opt_state = {"optimizer": to_cpu(self.opt.state_dict()), "step": self.step,
-                         "schedule_sampler": self.schedule_sampler.state_dict()}
+                         "schedule_sampler": self.schedule_sampler.state_dict(),
+                         "nonfinite_skipped": self.nonfinite_skipped}
             if self.scaler.is_enabled():  # fp16's loss scale and growth count, for an exact resume
                 opt_state["grad_scaler"] = self.scaler.state_dict()
             checkpoint_io.atomic_save(opt_state, opt_file)
@@ -671,6 +867,13 @@ class TrainLoop:
             self.logger.info(f"saved step {self.step} to {self.run_dir}")
         self.last_saved_step = self.step
         dist_util.barrier()
+
+    def ema_state_dict(self, ema, model_state=None):
+        """The model's state dict (on the CPU) with the EMA weights `ema` in place of its parameters."""
+        names = [name for name, _ in self.model.named_parameters()]
+        state = copy.copy(to_cpu(self.model.state_dict()) if model_state is None else model_state)
+        state.update({n: p.detach().cpu() for n, p in zip(names, ema)})
+        return state
 
     def step_files(self):
         return checkpoint_io.step_files(self.run_dir, self.step, self.ema_rates)
