@@ -1,6 +1,6 @@
 """Compare sampling schemes on one checkpoint: same test videos, same settings, one report.
 
-    python scripts/compare_schemes.py checkpoints/<run>/ema_0.9999_100000.pt \
+    python scripts/compare_schemes.py checkpoints/<run>/ema_0.9999_100000.pt \\
         --schemes autoreg,long-range,hierarchy-2,df-pyramid --n_videos 16 --T 64 --out_dir results/compare
     mpiexec -n 4 python scripts/compare_schemes.py <checkpoint> ...   # each rank samples its share
 
@@ -23,6 +23,19 @@ network: each denoising call, each MCMC gradient evaluation and each energy-only
 report then adds the evaluations that also ran a backward pass (grad evals / video) and the MCMC
 acceptance rate. Run it once per checkpoint to compare an energy model with a standard one at equal
 NFE or wall time.
+
+One run says little about whether a scheme's lead is real: give several checkpoints (e.g. one per
+training seed) and/or several sampling seeds, and every (checkpoint, seed) pair is one run:
+
+    python scripts/compare_schemes.py ckpt_seed0.pt ckpt_seed1.pt ckpt_seed2.pt --seeds 0,1 \\
+        --schemes autoreg,hierarchy-2 --out_dir results/spread
+
+Run r (checkpoint r // number of seeds, seed r % number of seeds) is a whole comparison in
+<out_dir>/run<r>/ (resumed on its own); <out_dir>/report.md and report.html show every metric as
+mean ± standard error across runs (sample standard deviation / sqrt(runs)) and which differences of
+the first metric exceed 2 combined standard errors; report.json holds those numbers and runs.json every
+run's checkpoint, seed, metrics and costs. A run with missing samples is refused, not averaged. With
+one checkpoint and one seed the output is the single-run comparison above.
 """
 
 import argparse
@@ -33,7 +46,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from improved_diffusion import cli  # noqa: E402
-from improved_diffusion.evaluation.compare import DEFAULT_SCHEMES, compare_schemes  # noqa: E402
+from improved_diffusion.errors import ConfigError  # noqa: E402
+from improved_diffusion.evaluation.compare import DEFAULT_SCHEMES, compare_runs, parse_seeds  # noqa: E402
 from improved_diffusion.evaluation.evaluate import METRICS  # noqa: E402
 from improved_diffusion.evaluation.on_manifold import TOLERANCES  # noqa: E402
 from improved_diffusion.evaluation.report import SCHEME_OVERRIDES  # noqa: E402
@@ -43,7 +57,8 @@ from improved_diffusion.sampling.run import add_model_call_flags  # noqa: E402
 def create_argparser():
     p = cli.ArgumentParser(prog="compare_schemes.py", description=__doc__,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("checkpoint_path")
+    p.add_argument("checkpoint_paths", nargs="+", metavar="checkpoint_path",
+                   help="one checkpoint, or several (e.g. one per training seed) to report mean ± SE across runs")
     p.add_argument("--schemes", default=DEFAULT_SCHEMES,
                    help="comma-separated sampling schemes, each a name with optional :setting=value overrides "
                         f"({', '.join(SCHEME_OVERRIDES)})")
@@ -61,19 +76,27 @@ def create_argparser():
                    help="classifier-free guidance scale of every scheme (a conditional checkpoint; 1 = off)")
     p.add_argument("--actions", default=None, help="T x D (or T integers) .npy file of actions driving every video")
     p.add_argument("--uncond", type=cli.str2bool, default=False, help="sample with the null condition alone")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None, help="the sampling seed (default 0)")
+    p.add_argument("--seeds", default=None,
+                   help="comma-separated sampling seeds, e.g. 0,1: one run per checkpoint and seed (instead of --seed)")
     p.add_argument("--metrics", default="", help=f"comma-separated, from {','.join(METRICS)} (default: all that apply)")
     p.add_argument("--on_manifold_tolerance", default="generator", choices=list(TOLERANCES),
                    help="how close to the generator a frame must be for on_manifold (see video_eval.py)")
     p.add_argument("--i3d_path", default=None, help="TorchScript I3D (StyleGAN-V's i3d_torchscript.pt), for FVD")
-    p.add_argument("--out_dir", default=None, help="default: results/<run>/<checkpoint>/compare_schemes")
+    p.add_argument("--out_dir", default=None,
+                   help="default: results/<run>/<checkpoint>/compare_schemes (needed with several runs)")
     p.add_argument("--df_config", default=None,
                    help="DF's config (JSON) of a Diffusion Forcing checkpoint: its network and sampler settings")
     return p
 
 
 def main(args):
-    paths = compare_schemes(**vars(args))
+    kwargs = vars(args).copy()
+    checkpoints, seed, seeds = kwargs.pop("checkpoint_paths"), kwargs.pop("seed"), kwargs.pop("seeds")
+    if seed is not None and seeds is not None:
+        raise ConfigError("Give --seed or --seeds, not both.")
+    seeds = parse_seeds(seeds) if seeds is not None else [0 if seed is None else seed]
+    paths = compare_runs(checkpoints, seeds, **kwargs)
     if paths is not None:  # rank 0
         print("\n".join(paths))
 

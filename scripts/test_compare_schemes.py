@@ -193,3 +193,71 @@ def test_mpi_ranks_share_the_videos_and_give_the_same_samples(checkpoint, tmp_pa
     runs = json.loads((tmp_path / "runs.json").read_text())
     assert runs["autoreg"]["world_size"] == 2 and runs["autoreg"]["nfe_per_video"] == 12
     assert "| autoreg |" in (tmp_path / "report.md").read_text()
+
+
+# ---------------------------------------------------------------------------
+# Several runs (training seeds x sampling seeds): mean ± standard error
+# ---------------------------------------------------------------------------
+
+SPREAD_ARGS = ["--schemes", "autoreg", "--n_videos", "2", "--T", "8", "--timestep_respacing", "4",
+               "--metrics", "psnr,ssim"]
+
+
+def test_two_sampling_seeds_give_two_runs_and_mean_and_se(checkpoint, tmp_path, capsys):
+    code, out, err = run(capsys, checkpoint, *SPREAD_ARGS, "--seeds", "0,1", "--out_dir", tmp_path)
+    assert code == 0, err
+    assert out.splitlines()[-2:] == [str(tmp_path / "report.md"), str(tmp_path / "report.html")]
+    saved = json.loads((tmp_path / "runs.json").read_text())
+    assert [(r["folder"], r["checkpoint"], r["seed"]) for r in saved["runs"]] == [
+        ("run0", checkpoint, 0), ("run1", checkpoint, 1)]
+    for r in range(2):
+        config = json.loads((tmp_path / f"run{r}" / "compare_config.json").read_text())
+        assert config["seed"] == r and (tmp_path / f"run{r}" / "report.md").is_file()
+        assert len(list((tmp_path / f"run{r}" / "autoreg" / "samples").iterdir())) == 2
+        assert saved["runs"][r]["costs"]["autoreg"]["nfe_per_video"] == 12
+    psnr = [r["metrics"]["autoreg"]["psnr"] for r in saved["runs"]]
+    assert psnr[0] != psnr[1]  # other sampling seeds, other samples
+    md = (tmp_path / "report.md").read_text()
+    row = next(line for line in md.splitlines() if line.startswith("| autoreg |"))
+    assert row.count(" ± ") == 4 and row.split(" | ")[3] == "2", row  # psnr, ssim, NFE, s / video; 2 runs
+    summary = json.loads((tmp_path / "report.json").read_text())
+    assert summary["n_runs"] == 2 and summary["schemes"]["autoreg"]["psnr"]["values"] == psnr
+    # a single-run comparison cannot go into a folder of several runs
+    code, _, err = run(capsys, checkpoint, *SPREAD_ARGS, "--out_dir", tmp_path)
+    assert code == 2 and "holds a comparison over several runs" in err and err.count("\n") == 1, err
+
+
+def test_runs_are_every_checkpoint_with_every_seed_and_all_are_checked_first(checkpoint, tmp_path, capsys,
+                                                                             monkeypatch):
+    calls = []
+    monkeypatch.setattr(compare, "compare_schemes", lambda path, **kw: calls.append(
+        (path, kw["seed"], os.path.basename(kw["out_dir"]), kw.get("check_only", False))))
+    monkeypatch.setattr(compare, "write_aggregate_report", lambda out_dir, runs, schemes, n: ("md", "html"))
+    other = str(tmp_path / "other.pt")
+    code, _, err = run(capsys, checkpoint, other, *SPREAD_ARGS, "--seeds", "3,5", "--out_dir", tmp_path / "out")
+    assert code == 0, err
+    runs = [(checkpoint, 3, "run0"), (checkpoint, 5, "run1"), (other, 3, "run2"), (other, 5, "run3")]
+    assert calls == [(*r, True) for r in runs] + [(*r, False) for r in runs]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--seed", "1", "--seeds", "0,1"], "Give --seed or --seeds, not both."),
+    (["--seeds", "0,x"], "--seeds must be comma-separated integers, got '0,x'"),
+    (["--seeds", "1,1"], "--seeds names a seed twice"),
+    (["--seeds", "0,-1"], "--seeds must be at least 0"),
+    (["--seeds", "0,1", "--T", "-3"], "--T must be at least 1"),
+])
+def test_impossible_run_settings_fail_before_sampling(checkpoint, tmp_path, capsys, argv, message):
+    code, _, err = run(capsys, checkpoint, *SPREAD_ARGS, *argv, "--out_dir", tmp_path / "out")
+    assert code == 2 and message in err and err.count("\n") == 1 and "Traceback" not in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_several_runs_need_an_out_dir(checkpoint, capsys):
+    code, _, err = run(capsys, checkpoint, *SPREAD_ARGS, "--seeds", "0,1")
+    assert code == 2 and "Comparing several runs needs --out_dir" in err and err.count("\n") == 1, err
+
+
+def test_several_runs_cannot_go_into_a_single_run_folder(checkpoint, compared, capsys):
+    code, _, err = run(capsys, checkpoint, *ARGS, "--seeds", "0,1", "--out_dir", compared)
+    assert code == 2 and "holds a single-run comparison" in err and err.count("\n") == 1, err

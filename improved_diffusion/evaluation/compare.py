@@ -12,9 +12,13 @@ given with its own settings, "stabilized-autoreg:stabilization_level=50" (report
 so one comparison holds a scheme at several settings; its samples go to <out_dir>/<spec, ':' as '_'>/.
 MCMC refinement of an energy checkpoint is such a setting ("autoreg:mcmc_steps=5"); a scheme asking
 for it on any other checkpoint is refused before anything is sampled.
+
+`compare_runs` repeats the comparison for several checkpoints (training seeds) and sampling seeds, run r
+into <out_dir>/run<r>/, and reports each metric as mean ± standard error across runs (aggregate.py).
 """
 
 import os
+import sys
 
 import torch.distributed as dist
 
@@ -24,10 +28,11 @@ from ..errors import ConfigError, UserError
 from ..precision import check_precision
 from ..sampling.run import (DEFAULT, check_folder, checkpoint_config, default_eval_dir, sample_dataset,
                             sampler_defaults, sampling_conditions, scheme_for_checkpoint, size_flag)
+from .aggregate import write_aggregate_report
 from .evaluate import parse_metrics
 from .on_manifold import TOLERANCES
-from .report import (check_settings_file, evaluate_schemes, load_runs, parse_schemes, sample_schemes,
-                     scheme_overrides, write_report)
+from .report import (SETTINGS_FILE, check_settings_file, evaluate_schemes, load_runs, parse_schemes,
+                     sample_schemes, scheme_overrides, write_report)
 
 DEFAULT_SCHEMES = "autoreg,long-range,hierarchy-2,df-pyramid"
 
@@ -36,15 +41,16 @@ def compare_schemes(checkpoint_path, schemes=DEFAULT_SCHEMES, *, n_videos=8, T=D
                     max_frames=DEFAULT, max_latent_frames=DEFAULT, timestep_respacing="", use_ddim=None,
                     batch_size=8, seed=0, metrics="", i3d_path=None, out_dir=None, df_config=None, precision="fp32",
                     compile=False, batch_invariant=False, kv_cache=None, guidance_scale=1.0, actions=None,
-                    uncond=False, on_manifold_tolerance="generator"):
+                    uncond=False, on_manifold_tolerance="generator", check_only=False):
     """Sample, score and report each scheme of the comma-separated `schemes`; returns (report.md, report.html).
 
     use_ddim None: the checkpoint config's choice (a DF config's), else False. precision, compile,
     batch_invariant, kv_cache, guidance_scale, actions, uncond: as `sample_dataset`'s (a scheme spec may set
     its own guidance_scale); precision and the conditions are settings of out_dir (samples made
     differently are not mixed), compile, batch_invariant and kv_cache are not. on_manifold_tolerance: a name
-    of on_manifold.TOLERANCES (scoring only). Under MPI every rank calls this
-    and samples its share; rank 0 scores and writes the report (other ranks return None).
+    of on_manifold.TOLERANCES (scoring only). check_only: check every setting (and out_dir's recorded ones),
+    then return None without writing anything, so that compare_runs can check all its runs first. Under MPI
+    every rank calls this and samples its share; rank 0 scores and writes the report (other ranks return None).
     """
     had_process_group = dist.is_initialized()
 
@@ -87,6 +93,8 @@ def compare_schemes(checkpoint_path, schemes=DEFAULT_SCHEMES, *, n_videos=8, T=D
         raise ConfigError(f"--i3d_path {i3d_path} is not a file.")
     out_dir = out_dir or default_eval_dir(checkpoint_path, config, "compare_schemes")
     check_folder("out_dir", out_dir)
+    if os.path.isfile(os.path.join(out_dir, "run0", SETTINGS_FILE)):
+        raise ConfigError(f"{out_dir} holds a comparison over several runs; use another --out_dir.")
     settings = dict(checkpoint=os.path.abspath(checkpoint_path), T=scheme.T,  # every scheme has the same T
                     n_obs=n_obs, max_frames=K, max_latent_frames=S, timestep_respacing=timestep_respacing,
                     use_ddim=use_ddim, seed=seed, precision=precision)
@@ -97,7 +105,9 @@ def compare_schemes(checkpoint_path, schemes=DEFAULT_SCHEMES, *, n_videos=8, T=D
     if df_config is not None:
         settings["df_config"] = df_config if isinstance(df_config, dict) else os.path.abspath(df_config)
     rank, _ = dist_util.setup_dist()
-    check_settings_file(out_dir, settings, write=rank == 0)
+    check_settings_file(out_dir, settings, write=rank == 0 and not check_only)
+    if check_only:
+        return None
 
     # ---- sample every scheme (each rank its share of the videos)
     def sample(spec, eval_dir):
@@ -116,6 +126,63 @@ def compare_schemes(checkpoint_path, schemes=DEFAULT_SCHEMES, *, n_videos=8, T=D
                                    on_manifold_tolerance=on_manifold_tolerance)
         paths = write_report(out_dir, names, results, load_runs(out_dir), settings)
     if dist.is_initialized() and not had_process_group:  # gloo may abort at exit if its group is left open
+        dist_util.barrier()
+        dist.destroy_process_group()
+    return paths
+
+
+def parse_seeds(text):
+    """Sampling seeds from "0,1,2": integers of at least 0, without repeats; ConfigError otherwise."""
+    parts = [p.strip() for p in str(text).split(",") if p.strip()]
+    try:
+        seeds = [int(p) for p in parts]
+    except ValueError:
+        raise ConfigError(f"--seeds must be comma-separated integers, got {text!r}.") from None
+    if not seeds:
+        raise ConfigError("--seeds names no seed.")
+    if min(seeds) < 0:
+        raise ConfigError(f"--seeds must be at least 0, got {min(seeds)}.")
+    if len(set(seeds)) < len(seeds):
+        raise ConfigError(f"--seeds names a seed twice: {text}.")
+    return seeds
+
+
+def compare_runs(checkpoint_paths, seeds, schemes=DEFAULT_SCHEMES, *, n_videos=8, out_dir=None, **kwargs):
+    """Compare schemes over every (checkpoint, seed) run; returns (report.md, report.html) on rank 0.
+
+    One run is exactly `compare_schemes` (same folders, same report). Several: run r = (checkpoint
+    r // len(seeds), seed r % len(seeds)) is a whole comparison in <out_dir>/run<r>/ (so each resumes on
+    its own), and <out_dir>/report.md, report.html, report.json and runs.json give every metric as
+    mean ± standard error across runs and each run's values (aggregate.py). Every run's settings are
+    checked before anything is sampled. kwargs: compare_schemes's other settings.
+    """
+    checkpoint_paths, seeds = list(checkpoint_paths), list(seeds)
+    kwargs.update(schemes=schemes, n_videos=n_videos)
+    if len(checkpoint_paths) == 1 and len(seeds) == 1:
+        return compare_schemes(checkpoint_paths[0], seed=seeds[0], out_dir=out_dir, **kwargs)
+    if len(set(map(os.path.abspath, checkpoint_paths))) < len(checkpoint_paths):
+        raise ConfigError("A checkpoint is given twice; give each training run's checkpoint once.")
+    if out_dir is None:
+        raise ConfigError("Comparing several runs needs --out_dir, the folder of their run<r>/ folders and the "
+                          "aggregate report.")
+    check_folder("out_dir", out_dir)
+    if os.path.isfile(os.path.join(out_dir, SETTINGS_FILE)):
+        raise ConfigError(f"{out_dir} holds a single-run comparison; use another --out_dir.")
+    runs = [dict(folder=f"run{r}", checkpoint=os.path.abspath(path), seed=seed)
+            for r, (path, seed) in enumerate((p, s) for p in checkpoint_paths for s in seeds)]
+    had_process_group = dist.is_initialized()
+    rank, _ = dist_util.setup_dist()  # once, so that the runs below share the process group
+    for run in runs:
+        compare_schemes(run["checkpoint"], seed=run["seed"], out_dir=os.path.join(out_dir, run["folder"]),
+                        check_only=True, **kwargs)
+    for k, run in enumerate(runs):
+        if rank == 0:
+            print(f"run {k + 1} of {len(runs)}: {run['checkpoint']}, seed {run['seed']}", file=sys.stderr, flush=True)
+        compare_schemes(run["checkpoint"], seed=run["seed"], out_dir=os.path.join(out_dir, run["folder"]), **kwargs)
+    paths = None
+    if rank == 0:
+        paths = write_aggregate_report(out_dir, runs, parse_schemes(schemes), n_videos)
+    if dist.is_initialized() and not had_process_group:
         dist_util.barrier()
         dist.destroy_process_group()
     return paths
