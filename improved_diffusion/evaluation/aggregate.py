@@ -17,7 +17,7 @@ import os
 from ..errors import EvalError
 from ..results import write_json_atomic
 from .evaluate import format_value
-from .report import RUNS_FILE, SETTINGS_FILE, count_samples, load_runs, render_html, render_markdown, scheme_folder
+from .report import RUNS_FILE, SETTINGS_FILE, count_samples, load_runs, scheme_folder, write_blocks
 
 AGGREGATE_FILE = "report.json"
 
@@ -174,9 +174,4 @@ def write_aggregate_report(out_dir, runs, schemes, n_videos):
                           for a, b, d, se in differences) or "none"
         blocks.append(("p", f"Differences of {main} between schemes larger than 2 combined standard errors "
                             f"(sqrt(SE_a² + SE_b²)): {found}."))
-    md_path, html_path = os.path.join(out_dir, "report.md"), os.path.join(out_dir, "report.html")
-    with open(md_path, "w") as f:
-        f.write(render_markdown(blocks))
-    with open(html_path, "w") as f:
-        f.write(render_html(blocks))
-    return md_path, html_path
+    return write_blocks(out_dir, blocks)

@@ -475,7 +475,11 @@ def render_html(blocks):
 
 def write_report(out_dir, schemes, results, runs, settings):
     """Write out_dir/report.md and out_dir/report.html (same content); returns their paths."""
-    blocks = build_report(out_dir, schemes, results, runs, settings)
+    return write_blocks(out_dir, build_report(out_dir, schemes, results, runs, settings))
+
+
+def write_blocks(out_dir, blocks):
+    """Render report blocks to out_dir/report.md and out_dir/report.html; returns their paths."""
     md_path, html_path = os.path.join(out_dir, "report.md"), os.path.join(out_dir, "report.html")
     with open(md_path, "w") as f:
         f.write(render_markdown(blocks))
