@@ -190,6 +190,31 @@ def test_every_preset_runs(capsys, tmp_path, checkpoint, model_calls, name):
         assert group[0]["t"][0][group[0]["latent"][0]].max() == 990
 
 
+def test_a_stabilization_level_the_respacing_cannot_show_is_recorded_and_warned(capsys, tmp_path, checkpoint):
+    """Respacing 100 steps to 4 keeps timesteps 0, 33, 66, 99: levels 15 and 30 both show stabilized frames at
+    timestep 0 (identical samples, a warning, the timestep recorded); --sampling_steps on the whole chain shows
+    them at the level asked for, and the two levels then differ."""
+    samples = {}
+    for level in (15, 30):
+        code, _, err = run(capsys, checkpoint, "--sampling_scheme", "stabilized-autoreg", "--stabilization_level",
+                           level, "--timestep_respacing", "4", "--stop_index", 1, "--eval_dir", tmp_path / f"r{level}")
+        assert code == 0 and f"asks for timestep {level - 1}" in err and "shown at timestep 0;" in err, err
+        assert json.loads((tmp_path / f"r{level}" / "sampling_config.json").read_text())["stabilization_timestep"] == 0
+        samples[level] = np.load(tmp_path / f"r{level}" / "samples" / "sample_0000-0.npy")
+    assert np.array_equal(samples[15], samples[30])
+    for level in (15, 30):
+        code, _, err = run(capsys, checkpoint, "--sampling_scheme", "stabilized-autoreg", "--stabilization_level",
+                           level, "--sampling_steps", 4, "--use_ddim", "True", "--stop_index", 1,
+                           "--eval_dir", tmp_path / f"s{level}")
+        assert code == 0 and "warning" not in err, err
+        config = json.loads((tmp_path / f"s{level}" / "sampling_config.json").read_text())
+        assert config["stabilization_timestep"] == level - 1
+        samples[level] = np.load(tmp_path / f"s{level}" / "samples" / "sample_0000-0.npy")
+    assert not np.array_equal(samples[15], samples[30])
+    code, _, _ = run(capsys, checkpoint, "--timestep_respacing", "4", "--stop_index", 1, "--eval_dir", tmp_path / "a")
+    assert code == 0 and json.loads((tmp_path / "a" / "sampling_config.json").read_text())["stabilization_timestep"] is None
+
+
 def test_files_equal_the_stage_sampler_output(capsys, tmp_path, checkpoint):
     """A sample file is the stage sampler's output for the same scheme and generator, as uint8.
 

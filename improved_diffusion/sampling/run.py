@@ -67,7 +67,7 @@ from .guidance import Conditions
 from .kv_cache import CausalCache, supports_cache
 from .mcmc import MCMCStats, summarize
 from .plan_picture import draw_plan
-from .sampler import one_video_at_a_time, sample_with_scheme, video_generator
+from .sampler import one_video_at_a_time, sample_with_scheme, stabilization_shown_at, video_generator
 from .scheme import Scheme, check_settings
 
 DEFAULT = -1  # a size flag's "use the default"
@@ -147,6 +147,25 @@ def scheme_for_checkpoint(config, sampling_scheme, *, T=DEFAULT, n_obs=DEFAULT, 
                           "but this checkpoint was trained without --energy True, so it has no energy; pass "
                           "--mcmc_steps 0.")
     return scheme
+
+
+def stabilization_shown(scheme, config):
+    """(training-chain timestep the scheme shows stabilized frames at, or None when off; a warning or None).
+
+    A respaced chain keeps only some timesteps (ddim20 of 1000: 0, 50, 100, ...), so a level between
+    two of them is rounded down: with ddim20, levels 1 to 50 all show frames at timestep 0 and give
+    identical samples. The warning says so and how to get the level asked for.
+    """
+    level = scheme.stage.stabilization_level
+    if not level:
+        return None, None
+    shown = stabilization_shown_at(scheme.diffusion(dataclass_from_dict(DiffusionConfig, config)), level)
+    if shown == level - 1:
+        return shown, None
+    return shown, (f"warning: stabilization_level {level} asks for timestep {level - 1}, but the respaced chain "
+                   f"(--timestep_respacing {scheme.timestep_respacing}) does not keep it, so stabilized frames are "
+                   f"shown at timestep {shown}; use --sampling_steps with --use_ddim True instead of "
+                   "--timestep_respacing to show them at the level asked for.")
 
 
 def default_eval_dir(checkpoint_path, config, folder):
@@ -480,12 +499,16 @@ def sample_dataset(checkpoint_path, sampling_scheme="autoreg", *, T=DEFAULT, n_o
     if slurm_task is not None and stop_index == DEFAULT:  # FDM: without --stop_index, one array task per batch
         indices = indices[int(slurm_task) * batch_size: (int(slurm_task) + 1) * batch_size]
     indices = indices[rank::world_size]  # under mpiexec each rank samples (and writes) its share
+    stab_shown, stab_warning = stabilization_shown(scheme, config)
     if rank == 0:
+        if stab_warning:
+            print(stab_warning, file=sys.stderr)
         run_config = {"checkpoint": str(checkpoint_path), "dataset": dataset_name, "image_size": image_size,
                       "seed": seed, "data_seed": 0, "precision": precision, "compiled": bool(compile),
                       "batch_invariant": bool(batch_invariant), "frame_skip": frame_skip,
                       "conditions": conditions.describe(), "actions_source": conditions.source,
-                      "actions_file": conditions.actions_file, "label": conditions.label}
+                      "actions_file": conditions.actions_file, "label": conditions.label,
+                      "stabilization_timestep": stab_shown}
         if df_config is not None:
             run_config["df_config"] = df_config if isinstance(df_config, dict) else str(df_config)
         write_sampling_config(eval_dir, {**run_config, **scheme.to_dict()})

@@ -68,6 +68,12 @@ def stabilization_timestep(diffusion, level):
     return max(i for i, t in enumerate(kept) if t <= max(level - 1, kept[0]))
 
 
+def stabilization_shown_at(diffusion, level):
+    """The training-chain timestep stabilized frames are shown at: level - 1 unless respacing rounded it down."""
+    kept = list(getattr(diffusion, "timestep_map", range(diffusion.num_timesteps)))
+    return int(kept[stabilization_timestep(diffusion, level)])
+
+
 def stage_levels(settings, num_latent, num_timesteps):
     """The integer noise-level matrix [rows x num_latent] of one stage, and its S."""
     S = settings.sampling_steps or num_timesteps
