@@ -50,7 +50,8 @@ Measuring a run while it trains (on the EMA model, without changing what is trai
 logs val_loss (and val_loss_q0..q3 per quarter of the timestep range), the diffusion loss on --val_videos
 fixed test clips with fixed masks, timesteps and noise, comparable across steps, resumes and rank
 counts; --eval_interval N samples --eval_videos test videos with --eval_scheme (DDIM, --eval_respacing,
---eval_T frames) and logs eval_psnr, eval_ssim and the dataset's own metrics, with the samples in
+--eval_T frames) and logs eval_psnr, eval_ssim, the dataset's own metrics and, with --eval_i3d_path,
+eval_fvd, with the samples in
 <run dir>/evals/step<N>/ (rank 0 samples while the other ranks wait, so keep it small); --keep_best
 val_loss (or eval_psnr, ...) keeps the best EMA weights as <run dir>/best_<figure>.pt. Every log line
 also reports data_wait (seconds per step spent waiting for data), grad_norm, peak_mem_mb and

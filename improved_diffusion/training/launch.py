@@ -41,8 +41,9 @@ from .validation import SampleEvaluation, make_validation
 # change them. What the figures mean stays the run's own: --val_videos (another set of clips gives
 # another val_loss, so the curve and the best value read back from best_val_loss.pt would stop being
 # comparable across the resume), and likewise --eval_videos, --eval_scheme, --eval_T, --eval_respacing.
+# --eval_i3d_path is where the I3D file lies on this machine, so a resumed run may name it (or add FVD).
 HOUSEKEEPING = ("max_steps", "log_interval", "save_interval", "sample_interval", "keep_last", "num_workers",
-                "max_nonfinite_steps", "compile", "val_interval", "eval_interval", "keep_best")
+                "max_nonfinite_steps", "compile", "val_interval", "eval_interval", "keep_best", "eval_i3d_path")
 
 
 def find_run(args):

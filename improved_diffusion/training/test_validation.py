@@ -20,8 +20,8 @@ from improved_diffusion.script_util import DiffusionConfig, ModelConfig
 from improved_diffusion.training import checkpoint_io
 from improved_diffusion.training.test_train_loop import RUN, assert_bitwise_equal, flat, only_run, tiny_loop, train
 from improved_diffusion.training.train_loop import TrainConfig, training_batch
-from improved_diffusion.training.validation import (SampleEvaluation, ValidationSet, make_validation, read_best,
-                                                    summarize)
+from improved_diffusion.training.validation import (SampleEvaluation, ValidationSet, check_measurements,
+                                                    make_validation, read_best, summarize)
 
 MODEL = ModelConfig(image_size=16)  # what the measurements read of the tiny model: its image size, no conditions
 DIFFUSION = DiffusionConfig(diffusion_steps=50)
@@ -165,6 +165,59 @@ def test_evaluations_sample_test_videos_at_their_steps_and_log_their_metrics(tmp
     # Fixed seeds: the same weights sample the same videos.
     again = loop.evaluation.sample(loop.ema_model())
     assert np.array_equal(again, samples)
+
+
+class ChannelStatsI3D(torch.nn.Module):
+    """Stands in for i3d_torchscript.pt (same call): a video's features are its per-channel means and spreads."""
+
+    def forward(self, x: torch.Tensor, rescale: bool = False, resize: bool = False,
+                return_features: bool = False) -> torch.Tensor:
+        x = x.float() / 127.5 - 1
+        return torch.cat([x.mean(dim=(2, 3, 4)), x.std(dim=(2, 3, 4))], dim=1)
+
+
+def frechet_by_hand(a, b):
+    """||mu_a - mu_b||^2 + tr(Ca + Cb - 2 (Ca Cb)^1/2), with scipy's matrix square root."""
+    from scipy import linalg
+
+    ca, cb = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    root = linalg.sqrtm(ca @ cb).real
+    return float(((a.mean(0) - b.mean(0)) ** 2).sum() + np.trace(ca + cb - 2 * root))
+
+
+def test_evaluations_log_fvd_with_an_i3d_file(tmp_path, monkeypatch, one_thread):
+    i3d = tmp_path / "i3d.pt"
+    torch.jit.script(ChannelStatsI3D()).save(str(i3d))
+    loop = measured_loop(tmp_path, monkeypatch, eval_interval=2, eval_videos=4, eval_T=6, eval_respacing="ddim2",
+                         max_steps=2, log_interval=2, eval_i3d_path=str(i3d), keep_best="eval_fvd")
+    loop.run()
+    logged = {int(row["step"]): row for row in rows(loop.run_dir)}
+    folder = os.path.join(loop.run_dir, "evals", "step000002")
+    samples = np.stack([np.load(os.path.join(folder, f"sample_{i:04d}.npy")) for i in range(4)])
+    truth = to_uint8(torch.stack([get_dataset("bouncing_balls", split="test", T=6, image_size=16).video(i)
+                                  for i in range(4)])).numpy()
+
+    def features(videos):  # per-channel mean and spread of each whole video in [-1, 1]
+        x = videos.astype(np.float64) / 127.5 - 1
+        return np.concatenate([x.mean(axis=(1, 3, 4)), x.std(axis=(1, 3, 4), ddof=1)], axis=1)
+
+    expected = frechet_by_hand(features(samples), features(truth))
+    assert expected > 0.01  # generated frames differ from the truth, so the distance is not ~0
+    assert float(logged[2]["eval_fvd"]) == pytest.approx(expected, rel=1e-3)
+    assert os.path.isfile(os.path.join(loop.run_dir, "best_eval_fvd.pt"))
+
+
+def test_fvd_flags_are_checked_in_one_sentence(tmp_path):
+    cfg = TrainConfig(dataset="bouncing_balls", T=10, max_frames=4, eval_interval=1, eval_T=6, eval_respacing="ddim5",
+                      eval_i3d_path=str(tmp_path / "missing.pt"))
+    with pytest.raises(ConfigError, match="^--eval_i3d_path .*missing.pt does not exist or is not a file.$"):
+        SampleEvaluation.from_config(cfg, MODEL, DIFFUSION)
+    cfg.eval_videos = 1
+    with pytest.raises(ConfigError, match="needs --eval_videos 2 or more, got 1"):
+        SampleEvaluation.from_config(cfg, MODEL, DIFFUSION)
+    cfg.eval_i3d_path, cfg.keep_best = "", "eval_fvd"
+    with pytest.raises(ConfigError, match="--keep_best eval_fvd needs the I3D network"):
+        check_measurements(cfg)
 
 
 def test_evaluation_flags_are_checked_before_anything_is_sampled():

@@ -113,6 +113,9 @@ class TrainConfig:
         "length of the videos sampled at evaluations (-1: min(2 x max_frames, T))")})
     eval_respacing: str = field(default="ddim25", metadata={"help": (
         "timestep respacing of evaluation sampling (DDIM, as previews; '' samples the whole chain)")})
+    eval_i3d_path: str = field(default="", metadata={"help": (
+        "the I3D TorchScript file FVD needs (StyleGAN-V's i3d_torchscript.pt): evaluations then also log eval_fvd "
+        "between the sampled and the true test videos (needs --eval_videos 2 or more); empty: no FVD")})
     keep_best: str = field(default="", metadata={"help": (
         "also keep the EMA checkpoint with the best value of this figure as <run dir>/best_<figure>.pt: val_loss "
         "(or val_loss_q0..3; lower is better, needs --val_interval) or an eval figure such as eval_psnr, eval_ssim "

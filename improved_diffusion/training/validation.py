@@ -17,7 +17,8 @@ their first frames by a sampling scheme from the EMA model (DDIM over --eval_res
 like previews; noise from fixed per-video generators, seed 0, as video_sample.py's default), scored
 against the ground truth with evaluation.evaluate's metrics: PSNR and SSIM over the generated
 frames always, cue recall on cue_recall, the on-manifold fraction on bouncing_balls and
-cue_recall, action following on bouncing_balls_actions with an action-conditioned model. Logged
+cue_recall, action following on bouncing_balls_actions with an action-conditioned model, and FVD
+against the true test videos when --eval_i3d_path names the I3D network (loaded once, at start). Logged
 as eval_<metric>; the samples and metrics.json go to <run dir>/evals/step<step>/ and a grid of
 videos to wandb. Rank 0 alone evaluates.
 
@@ -39,7 +40,7 @@ from ..data.pixels import to_uint8
 from ..errors import CheckpointError, ConfigError, UserError
 from ..evaluation import action_following as following
 from ..evaluation import on_manifold as manifold
-from ..evaluation.evaluate import HIGHER_IS_BETTER, compute_metrics
+from ..evaluation.evaluate import HIGHER_IS_BETTER, compute_metrics, load_detector
 from . import checkpoint_io
 from .train_loop import example_losses, generators_of, timestep_quarters, training_batch
 
@@ -48,7 +49,7 @@ from .train_loop import example_losses, generators_of, timestep_quarters, traini
 VALIDATION_KEY = 0x76616C69646174
 VAL_FIGURES = ("val_loss", "val_loss_q0", "val_loss_q1", "val_loss_q2", "val_loss_q3")
 # Evaluation figures: eval_<name of compute_metrics' overall value>, and where each applies.
-EVAL_FIGURES = {"eval_psnr": None, "eval_ssim": None, "eval_cue_recall": ("cue_recall",),
+EVAL_FIGURES = {"eval_psnr": None, "eval_ssim": None, "eval_fvd": None, "eval_cue_recall": ("cue_recall",),
                 "eval_on_manifold_last_quarter": manifold.DATASETS, "eval_time_to_drift": manifold.DATASETS,
                 "eval_action_following": (following.DATASET,)}
 EVAL_SEED = 0  # the sampling noise of evaluations: video_sample.py's default seed
@@ -155,7 +156,7 @@ class SampleEvaluation:
     """k test videos sampled with one scheme from a model, and their metrics: call it with (step, model, logger)."""
 
     def __init__(self, *, dataset_name, scheme, diffusion, truth, metrics, actions=None, batch_size=8,
-                 run_dir=None):
+                 run_dir=None, detector=None):
         self.dataset_name = dataset_name
         self.scheme = scheme
         self.diffusion = diffusion  # respaced as the scheme says
@@ -164,6 +165,7 @@ class SampleEvaluation:
         self.actions = actions  # [k x T x D] each video's own actions (an action-conditioned model), or None
         self.batch_size = batch_size
         self.run_dir = run_dir
+        self.detector = detector  # the I3D network when FVD is measured
 
     @classmethod
     def from_config(cls, train_cfg, model_cfg, diffusion_cfg, run_dir=None):
@@ -213,17 +215,26 @@ class SampleEvaluation:
         if train_cfg.keep_best == "eval_action_following" and "action_following" not in metrics:
             raise ConfigError("--keep_best eval_action_following needs a model conditioned on the actions "
                               "(--cond_dim -1).")
+        count = train_cfg.eval_videos
+        if train_cfg.eval_i3d_path and count < 2:
+            raise ConfigError(f"FVD compares sets of videos: --eval_i3d_path needs --eval_videos 2 or more, got {count}.")
         dataset = get_dataset(train_cfg.dataset, split="test", T=T, image_size=model_cfg.image_size,
                               frame_skip=train_cfg.frame_skip)
-        count = train_cfg.eval_videos
         if count > len(dataset):
             raise ConfigError(f"--eval_videos {count} is more than the {len(dataset)} test videos of dataset "
                               f"'{train_cfg.dataset}'.")
+        detector = None
+        if train_cfg.eval_i3d_path:
+            try:
+                detector = load_detector(train_cfg.eval_i3d_path)
+            except UserError as e:
+                raise ConfigError(str(e).replace("--i3d_path", "--eval_i3d_path", 1)) from None
+            metrics.append("fvd")
         clips = [dataset.video_and_actions(i) if with_actions else (dataset.video(i), None) for i in range(count)]
         return cls(dataset_name=train_cfg.dataset, scheme=scheme, diffusion=scheme.diffusion(diffusion_cfg),
                    truth=torch.stack([v for v, _ in clips]), metrics=metrics,
                    actions=torch.stack([a for _, a in clips]) if with_actions else None,
-                   batch_size=train_cfg.batch_size, run_dir=run_dir)
+                   batch_size=train_cfg.batch_size, run_dir=run_dir, detector=detector)
 
     def sample(self, model):
         """uint8 [k x T x C x H x W]: each test video continued from its first n_obs frames by `model`."""
@@ -250,7 +261,8 @@ class SampleEvaluation:
         samples = self.sample(model)
         truth = to_uint8(self.truth).numpy()
         actions = None if self.actions is None else self.actions.numpy()
-        scores = compute_metrics(samples, truth, self.scheme.n_obs, self.metrics, self.dataset_name, actions=actions)
+        scores = compute_metrics(samples, truth, self.scheme.n_obs, self.metrics, self.dataset_name, actions=actions,
+                                 detector=self.detector)
         figures = {f"eval_{name}": float(value) for name, value in scores["overall"].items()}
         if self.run_dir is not None and checkpoint_io.is_local(self.run_dir):
             folder = os.path.join(self.run_dir, "evals", f"step{step:06d}")
@@ -302,6 +314,8 @@ def check_measurements(cfg):
         if cfg.eval_interval <= 0:
             raise ConfigError(f"--keep_best {cfg.keep_best} needs evaluation: pass --eval_interval N (N > 0) too.")
         datasets = EVAL_FIGURES[cfg.keep_best]
+        if cfg.keep_best == "eval_fvd" and not cfg.eval_i3d_path:
+            raise ConfigError("--keep_best eval_fvd needs the I3D network: pass --eval_i3d_path too.")
         if datasets is not None and cfg.dataset not in datasets:
             raise ConfigError(f"--keep_best {cfg.keep_best} is measured on the {' and '.join(datasets)} "
                               f"dataset{'s' if len(datasets) > 1 else ''} only, not on '{cfg.dataset}'.")
