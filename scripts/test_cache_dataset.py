@@ -1,16 +1,19 @@
 """scripts/cache_dataset.py end to end: a tiny folder cached by the real script, then trained on through get_dataset."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from improved_diffusion.data.datasets import get_dataset, train_batches
 from improved_diffusion.data.test_datasets import write_mp4
 
 SCRIPT = Path(__file__).resolve().parent / "cache_dataset.py"
+MPIEXEC = Path(sys.executable).parent / "mpiexec"
 
 
 def tiny_folder(folder):
@@ -39,6 +42,24 @@ def test_script_caches_a_folder_and_resumes(tmp_path):
     source, cache = get_dataset(str(folder), T=4, image_size=16), get_dataset(str(out))
     for a, b, _ in zip(train_batches(source, 2, seed=3), train_batches(cache, 2, seed=3), range(3)):
         assert torch.equal(a, b)
+
+
+@pytest.mark.skipif(not MPIEXEC.exists(), reason="no mpiexec beside the Python executable")
+def test_two_mpi_ranks_write_the_cache_one_process_writes(tmp_path):
+    folder = tiny_folder(tmp_path / "videos")
+    args = ["--dataset", str(folder), "--image_size", "16", "--T", "4", "--shard_size", "1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, str(SCRIPT), *args, "--out", str(tmp_path / "one")],
+                         capture_output=True, text=True, timeout=120, env=env)
+    assert one.returncode == 0, one.stderr
+    two = subprocess.run([str(MPIEXEC), "-n", "2", sys.executable, str(SCRIPT), *args, "--out", str(tmp_path / "two")],
+                         capture_output=True, text=True, timeout=300, env=env)
+    assert two.returncode == 0, two.stderr[-2000:]
+    files = sorted(p.relative_to(tmp_path / "one") for p in (tmp_path / "one").rglob("*") if p.is_file())
+    assert len([f for f in files if f.suffix == ".npy"]) == 4  # 3 train + 1 test videos, one per shard
+    assert files == sorted(p.relative_to(tmp_path / "two") for p in (tmp_path / "two").rglob("*") if p.is_file())
+    for name in files:  # shards r, r + 2, ... came from rank r; the index from rank 0
+        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes(), name
 
 
 def test_script_errors_are_one_sentence(tmp_path, run_script):
