@@ -2,6 +2,7 @@
 
 import dataclasses
 
+import numpy as np
 import pytest
 import torch
 
@@ -204,3 +205,44 @@ def test_checkpoint_with_energy_round_trips(tmp_path, one_thread):
     plain = create_model(ModelConfig(**ARCHITECTURES["fdm_unet"]))
     torch.save({"config": config, "state_dict": plain.state_dict(), "step": 0}, path)
     assert isinstance(load_checkpoint(str(path))[0], UNetVideoModel)
+
+
+class RecordingLogger:
+    def __init__(self):
+        self.rows, self.videos = [], []
+
+    def log_row(self, row, step):
+        self.rows.append((step, dict(row)))
+
+    def log_video(self, key, frames, step):
+        self.videos.append((key, step))
+
+
+def test_training_previews_of_an_energy_model_refine_and_log_their_acceptance(tmp_path, one_thread):
+    from improved_diffusion.data.datasets import get_dataset
+    from improved_diffusion.errors import ConfigError
+    from improved_diffusion.sampling.mcmc import MCMCStats
+    from improved_diffusion.sampling.sampler import preview_rollout
+    from improved_diffusion.training.launch import make_preview
+    from improved_diffusion.training.train_loop import TrainConfig
+
+    model_cfg = ModelConfig(**{**ARCHITECTURES["fdm_unet"], "image_size": 16, "attention_resolutions": "8"},
+                            energy=True)
+    model = randomize(create_model(model_cfg))
+    diffusion_cfg = DiffusionConfig(diffusion_steps=50)
+    train_cfg = TrainConfig(dataset="bouncing_balls", max_frames=4, T=8, sample_interval=1, preview_mcmc_steps=2)
+    logger = RecordingLogger()
+    make_preview(train_cfg, model_cfg, diffusion_cfg, str(tmp_path), logger)(3, model)
+    (step, row), = logger.rows
+    assert step == 3 and row["step"] == 3 and logger.videos == [("preview", 3)]
+    # The logged rate is that of the same rollout made directly, and refinement changed the frames.
+    given = get_dataset("bouncing_balls", split="test", T=2, image_size=16).video(0)
+    diffusion = create_diffusion(diffusion_cfg, timestep_respacing="ddim25")
+    stats = MCMCStats(1)
+    refined = preview_rollout(model, diffusion, given, 8, 4, mcmc_steps=2, mcmc_stats=stats)
+    assert 0 < int(stats.proposed.sum()) and row["preview_mcmc_acceptance"] == stats.acceptance_rate()
+    saved = torch.from_numpy(np.load(tmp_path / "previews" / "step000003.npy"))
+    assert torch.equal(saved, refined)
+    assert not torch.equal(refined, preview_rollout(model, diffusion, given, 8, 4))
+    with pytest.raises(ConfigError, match="--preview_mcmc_steps 2 refines previews .* pass --energy True"):
+        make_preview(train_cfg, dataclasses.replace(model_cfg, energy=False), diffusion_cfg, str(tmp_path), logger)

@@ -395,19 +395,21 @@ def sample_with_scheme(model, diffusion, scheme, videos, generators=None, progre
                         progress, conditions=conditions, mcmc_stats=mcmc_stats)
 
 
-def preview_rollout(model, diffusion, given, T, max_frames, seed=0, actions=None):
+def preview_rollout(model, diffusion, given, T, max_frames, seed=0, actions=None, mcmc_steps=0, mcmc_stats=None):
     """A quick look at a model in training: `autoreg` from the frames `given` [n x C x H x W] to T frames.
 
     Uses DDIM over the diffusion's (respaced) steps and a fixed per-video generator, so previews of
     different steps differ only by the weights. actions: [T x D] per-frame vectors of a model
-    conditioned on them (None: unconditional). Returns uint8 [T x C x H x W].
+    conditioned on them (None: unconditional). mcmc_steps: an energy model's MCMC refinement after
+    each step (default step size), counted into mcmc_stats (an mcmc.MCMCStats(1)) when given.
+    Returns uint8 [T x C x H x W].
     """
     n_obs = len(given)
     scheme = Scheme.from_preset("autoreg", T=T, n_obs=n_obs, max_frames=max_frames,
-                                max_latent_frames=max_frames - n_obs, use_ddim=True)
+                                max_latent_frames=max_frames - n_obs, use_ddim=True, mcmc_steps=mcmc_steps)
     videos = torch.zeros(1, T, *given.shape[1:], device=given.device)
     videos[0, :n_obs] = given
     conditions = None if actions is None else Conditions(actions=actions[None].to(given.device))
     out = sample_with_scheme(model, diffusion, scheme, videos, generators=[video_generator(seed, 0, 0)],
-                             conditions=conditions)
+                             conditions=conditions, mcmc_stats=mcmc_stats)
     return to_uint8(out[0])

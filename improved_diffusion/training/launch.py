@@ -28,6 +28,7 @@ from ..errors import CheckpointError, ConfigError
 from ..cli import dataclass_from_dict
 from ..logger import Logger, new_run_id
 from ..models import ModelConfig, create_model, parse_channel_mult
+from ..sampling.mcmc import MCMCStats
 from ..sampling.sampler import preview_rollout
 from . import checkpoint_io
 from .train_loop import Preempted, TrainConfig, TrainLoop, parse_ema_rates
@@ -43,7 +44,8 @@ from .validation import SampleEvaluation, make_validation
 # comparable across the resume), and likewise --eval_videos, --eval_scheme, --eval_T, --eval_respacing.
 # --eval_i3d_path is where the I3D file lies on this machine, so a resumed run may name it (or add FVD).
 HOUSEKEEPING = ("max_steps", "log_interval", "save_interval", "sample_interval", "keep_last", "num_workers",
-                "max_nonfinite_steps", "compile", "val_interval", "eval_interval", "keep_best", "eval_i3d_path")
+                "max_nonfinite_steps", "compile", "val_interval", "eval_interval", "keep_best", "eval_i3d_path",
+                "preview_mcmc_steps")
 
 
 def find_run(args):
@@ -162,8 +164,14 @@ def make_preview(train_cfg, model_cfg, diffusion_cfg, run_dir, logger):
     DDIM 25 steps, 2 x max_frames frames) into <run_dir>/previews/ and to wandb.
 
     Previews run in float32 and eagerly whatever --precision and --compile say: the EMA model is
-    a plain float32 copy, and a preview is a few forward passes every sample_interval steps."""
+    a plain float32 copy, and a preview is a few forward passes every sample_interval steps.
+    An energy model's previews refine each step with --preview_mcmc_steps MCMC steps (default step
+    size) and log their acceptance rate as preview_mcmc_acceptance."""
     K = train_cfg.max_frames
+    mcmc_steps = train_cfg.preview_mcmc_steps
+    if mcmc_steps and not model_cfg.energy:
+        raise ConfigError(f"--preview_mcmc_steps {mcmc_steps} refines previews by descending the model's energy, "
+                          "but the model has none: pass --energy True, or --preview_mcmc_steps 0.")
     if train_cfg.sample_interval <= 0 or K < 2:
         return None
     length = 2 * K
@@ -179,8 +187,11 @@ def make_preview(train_cfg, model_cfg, diffusion_cfg, run_dir, logger):
     preview_diffusion = create_diffusion(diffusion_cfg, timestep_respacing="ddim25")
 
     def preview(step, ema_model):
+        stats = MCMCStats(1) if mcmc_steps else None
         frames = preview_rollout(ema_model, preview_diffusion, given.to(dist_util.dev()), length, K,
-                                 actions=actions)
+                                 actions=actions, mcmc_steps=mcmc_steps, mcmc_stats=stats)
+        if stats is not None:
+            logger.log_row({"preview_mcmc_acceptance": stats.acceptance_rate(), "step": step}, step)
         if checkpoint_io.is_local(run_dir):
             os.makedirs(os.path.join(run_dir, "previews"), exist_ok=True)
             np.save(os.path.join(run_dir, "previews", f"step{step:06d}.npy"), frames.numpy())

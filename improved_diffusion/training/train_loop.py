@@ -79,6 +79,7 @@ class TrainConfig:
     max_frames: int = 20
     T: int = -1  # video length to train on; -1: the dataset's default
     sample_interval: int = 50000  # <= 0: no previews
+    preview_mcmc_steps: int = 0  # energy models: MCMC steps in previews, logging preview_mcmc_acceptance
     noise_mode: str = "fdm"  # fdm | diffusion_forcing | mixed
     max_steps: int = 0  # stop after this many steps (0: run forever, or until lr_anneal_steps)
     seed: int = 0
@@ -159,7 +160,7 @@ class TrainConfig:
                               ("on_bad_video", ON_BAD_VIDEO)):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"--{name} must be one of {', '.join(allowed)}, got '{getattr(self, name)}'.")
-        for name in ("val_interval", "eval_interval"):
+        for name in ("val_interval", "eval_interval", "preview_mcmc_steps"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name} must be 0 (off) or positive, got {getattr(self, name)}.")
         for name in ("val_videos", "eval_videos"):
