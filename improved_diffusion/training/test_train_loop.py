@@ -271,16 +271,23 @@ DF_RUN = RUN + ["--warmup_steps", "3", "--grad_clip", "0.05", "--adam_betas", "0
                 "--predict_v", "True", "--noise_schedule", "sigmoid"]
 
 
-def test_a_resumed_diffusion_forcing_recipe_run_is_bitwise_the_same_run(tmp_path):
-    straight = train(tmp_path, DF_RUN + ["--max_steps", "4", "--checkpoint_dir", tmp_path / "straight"])
+def straight_and_resumed(tmp_path, flags):
+    """Train `flags` 4 steps in one go, and 2 steps then 2 more after a resume; check both runs are bitwise the
+    same and return their run dirs (straight, resumed)."""
+    straight = train(tmp_path, flags + ["--max_steps", "4", "--checkpoint_dir", tmp_path / "straight"])
     assert straight.returncode == 0, straight.stderr[-3000:]
     ckpt = tmp_path / "ckpt"
-    first = train(tmp_path, DF_RUN + ["--max_steps", "2", "--checkpoint_dir", ckpt])
+    first = train(tmp_path, flags + ["--max_steps", "2", "--checkpoint_dir", ckpt])
     assert first.returncode == 0, first.stderr[-3000:]
     run_dir = only_run(ckpt)
     second = train(tmp_path, ["--wandb_id", run_dir.name, "--max_steps", "4", "--checkpoint_dir", ckpt])
     assert second.returncode == 0, second.stderr[-3000:]
     assert_bitwise_equal(only_run(tmp_path / "straight"), run_dir)
+    return only_run(tmp_path / "straight"), run_dir
+
+
+def test_a_resumed_diffusion_forcing_recipe_run_is_bitwise_the_same_run(tmp_path):
+    _, run_dir = straight_and_resumed(tmp_path, DF_RUN)
     config = read_checkpoint_file(str(run_dir / "model000004.pt"))["config"]
     assert (config["warmup_steps"], config["grad_clip"], config["adam_betas"], config["loss_weighting"],
             config["clip_noise"]) == (3, 0.05, "0.9,0.99", "fused_snr", 1.5)
@@ -548,15 +555,7 @@ def test_a_resumed_conditional_run_is_bitwise_the_same_run(tmp_path):
     """Actions and conditions dropped at random (cond_drop_prob 0.5) repeat exactly after a resume."""
     cond_run = [a if a != "bouncing_balls" else "bouncing_balls_actions" for a in RUN] + [
         "--cond_dim", "-1", "--cond_drop_prob", "0.5"]
-    straight = train(tmp_path, cond_run + ["--max_steps", "4", "--checkpoint_dir", tmp_path / "straight"])
-    assert straight.returncode == 0, straight.stderr[-3000:]
-    ckpt = tmp_path / "ckpt"
-    first = train(tmp_path, cond_run + ["--max_steps", "2", "--checkpoint_dir", ckpt])
-    assert first.returncode == 0, first.stderr[-3000:]
-    run_dir = only_run(ckpt)
-    second = train(tmp_path, ["--wandb_id", run_dir.name, "--max_steps", "4", "--checkpoint_dir", ckpt])
-    assert second.returncode == 0, second.stderr[-3000:]
-    assert_bitwise_equal(only_run(tmp_path / "straight"), run_dir)
+    _, run_dir = straight_and_resumed(tmp_path, cond_run)
     saved = read_checkpoint_file(str(run_dir / "ema_0.9_000004.pt"))
     assert (saved["config"]["cond_dim"], saved["config"]["cond_drop_prob"], saved["config"]["frame_skip"]) == (5, 0.5, 1)
     assert "conditioning.null_cond_emb" in saved["state_dict"]

@@ -18,7 +18,7 @@ from improved_diffusion.errors import ConfigError
 from improved_diffusion.evaluation.metrics import psnr
 from improved_diffusion.script_util import DiffusionConfig, ModelConfig
 from improved_diffusion.training import checkpoint_io
-from improved_diffusion.training.test_train_loop import RUN, assert_bitwise_equal, flat, only_run, tiny_loop, train
+from improved_diffusion.training.test_train_loop import RUN, flat, straight_and_resumed, tiny_loop
 from improved_diffusion.training.train_loop import TrainConfig, training_batch
 from improved_diffusion.training.validation import (SampleEvaluation, ValidationSet, check_measurements,
                                                     make_validation, read_best, summarize)
@@ -345,16 +345,7 @@ def test_the_count_of_skipped_steps_survives_a_resume(tmp_path, monkeypatch, one
 def test_val_loss_and_the_best_checkpoint_are_the_same_across_a_resume(tmp_path):
     """4 steps in one go, or 2 then 2 more after a resume: the same val_loss values, and bitwise the same run."""
     measured = RUN + ["--val_interval", "2", "--val_videos", "3", "--keep_best", "val_loss"]
-    straight = train(tmp_path, measured + ["--max_steps", "4", "--checkpoint_dir", tmp_path / "straight"])
-    assert straight.returncode == 0, straight.stderr[-3000:]
-    ckpt = tmp_path / "ckpt"
-    first = train(tmp_path, measured + ["--max_steps", "2", "--checkpoint_dir", ckpt])
-    assert first.returncode == 0, first.stderr[-3000:]
-    run_dir = only_run(ckpt)
-    second = train(tmp_path, ["--wandb_id", run_dir.name, "--max_steps", "4", "--checkpoint_dir", ckpt])
-    assert second.returncode == 0, second.stderr[-3000:]
-    straight_dir = only_run(tmp_path / "straight")
-    assert_bitwise_equal(straight_dir, run_dir)
+    straight_dir, run_dir = straight_and_resumed(tmp_path, measured)
     figures = [[{k: v for k, v in r.items() if k == "step" or k.startswith("val_loss")} for r in rows(d)
                 if r["val_loss"]] for d in (straight_dir, run_dir)]
     assert [r["step"] for r in figures[0]] == ["2", "4"] and figures[0] == figures[1]
