@@ -55,15 +55,26 @@ def process_group():
 def checkpoint(tmp_path_factory):
     """A tiny model with random weights everywhere, saved as script_util.load_checkpoint reads it."""
     model_cfg = ModelConfig(image_size=SIZE, num_channels=32, channel_mult="1,2", attention_resolutions="8")
+    return save_checkpoint(tmp_path_factory.mktemp("run"), model_cfg, fill_zero_weights(model_cfg))
+
+
+def fill_zero_weights(model_cfg):
+    """The model of `model_cfg` (seed 0), its all-zero parameters drawn from N(0, 0.05²): zero-initialised output
+    layers would make every sample trivial."""
     torch.manual_seed(0)
     model = create_model(model_cfg)
     with torch.no_grad():
         for p in model.parameters():
-            if not p.any():  # zero-initialised output layers would make every sample trivial
+            if not p.any():
                 p.normal_(0, 0.05)
+    return model
+
+
+def save_checkpoint(folder, model_cfg, model, dataset="bouncing_balls", **config):
+    """`model` saved as training saves an EMA checkpoint (100 diffusion steps, T and K of these tests)."""
     config = {**dataclasses.asdict(model_cfg), **dataclasses.asdict(DiffusionConfig(diffusion_steps=100)),
-              "dataset": "bouncing_balls", "T": T, "max_frames": K}
-    path = tmp_path_factory.mktemp("run") / "ema_0.9999_000000.pt"
+              "dataset": dataset, "T": T, "max_frames": K, **config}
+    path = folder / "ema_0.9999_000000.pt"
     torch.save({"config": config, "state_dict": model.state_dict(), "step": 0}, path)
     return str(path)
 
@@ -401,11 +412,8 @@ def conditional_checkpoint(tmp_path_factory):
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.05)
-    config = {**dataclasses.asdict(model_cfg), **dataclasses.asdict(DiffusionConfig(diffusion_steps=100)),
-              "dataset": "bouncing_balls_actions", "T": T, "max_frames": K, "wandb_id": "cond"}
-    path = tmp_path_factory.mktemp("cond_run") / "ema_0.9999_000000.pt"
-    torch.save({"config": config, "state_dict": model.state_dict(), "step": 0}, path)
-    return str(path)
+    return save_checkpoint(tmp_path_factory.mktemp("cond_run"), model_cfg, model, "bouncing_balls_actions",
+                           wandb_id="cond")
 
 
 def test_a_conditional_checkpoint_samples_with_each_source_of_actions(capsys, tmp_path, conditional_checkpoint,
@@ -463,17 +471,8 @@ def energy_checkpoint(tmp_path_factory):
     """A tiny energy model (--energy True) with random weights, saved as training saves it."""
     model_cfg = ModelConfig(image_size=SIZE, num_channels=32, channel_mult="1,2", attention_resolutions="8",
                             num_heads=2, num_res_blocks=1, energy=True)
-    torch.manual_seed(0)
-    model = create_model(model_cfg)
-    with torch.no_grad():
-        for p in model.parameters():
-            if not p.any():
-                p.normal_(0, 0.05)
-    config = {**dataclasses.asdict(model_cfg), **dataclasses.asdict(DiffusionConfig(diffusion_steps=100)),
-              "dataset": "bouncing_balls", "T": T, "max_frames": K, "wandb_id": "energy"}
-    path = tmp_path_factory.mktemp("energy_run") / "ema_0.9999_000000.pt"
-    torch.save({"config": config, "state_dict": model.state_dict(), "step": 0}, path)
-    return str(path)
+    return save_checkpoint(tmp_path_factory.mktemp("energy_run"), model_cfg, fill_zero_weights(model_cfg),
+                           wandb_id="energy")
 
 
 def test_an_energy_checkpoint_samples_with_mcmc_and_reports_acceptance(capsys, tmp_path, energy_checkpoint,
