@@ -218,31 +218,39 @@ class RecordingLogger:
         self.videos.append((key, step))
 
 
-def test_training_previews_of_an_energy_model_refine_and_log_their_acceptance(tmp_path, one_thread):
+def test_training_previews_of_an_energy_model_refine_and_log_their_acceptance(tmp_path, monkeypatch, one_thread):
     from improved_diffusion.data.datasets import get_dataset
     from improved_diffusion.errors import ConfigError
     from improved_diffusion.sampling.mcmc import MCMCStats
     from improved_diffusion.sampling.sampler import preview_rollout
-    from improved_diffusion.training.launch import make_preview
+    from improved_diffusion.training import launch
     from improved_diffusion.training.train_loop import TrainConfig
 
-    model_cfg = ModelConfig(**{**ARCHITECTURES["fdm_unet"], "image_size": 16, "attention_resolutions": "8"},
-                            energy=True)
+    counted = []
+
+    class KeptStats(MCMCStats):  # the counts the preview collected, kept for the test
+        def __init__(self, batch_size):
+            super().__init__(batch_size)
+            counted.append(self)
+
+    monkeypatch.setattr(launch, "MCMCStats", KeptStats)
+    model_cfg = ModelConfig(**ARCHITECTURES["fdm_unet"], energy=True)
     model = randomize(create_model(model_cfg))
     diffusion_cfg = DiffusionConfig(diffusion_steps=50)
-    train_cfg = TrainConfig(dataset="bouncing_balls", max_frames=4, T=8, sample_interval=1, preview_mcmc_steps=2)
+    # A preview of 2 x max_frames = 4 frames from max_frames // 2 = 1 given frame: 3 stages of DDIM 25.
+    train_cfg = TrainConfig(dataset="bouncing_balls", max_frames=2, T=8, sample_interval=1, preview_mcmc_steps=1)
     logger = RecordingLogger()
-    make_preview(train_cfg, model_cfg, diffusion_cfg, str(tmp_path), logger)(3, model)
+    launch.make_preview(train_cfg, model_cfg, diffusion_cfg, str(tmp_path), logger)(3, model)
     (step, row), = logger.rows
     assert step == 3 and row["step"] == 3 and logger.videos == [("preview", 3)]
-    # The logged rate is that of the same rollout made directly, and refinement changed the frames.
-    given = get_dataset("bouncing_balls", split="test", T=2, image_size=16).video(0)
-    diffusion = create_diffusion(diffusion_cfg, timestep_respacing="ddim25")
-    stats = MCMCStats(1)
-    refined = preview_rollout(model, diffusion, given, 8, 4, mcmc_steps=2, mcmc_stats=stats)
-    assert 0 < int(stats.proposed.sum()) and row["preview_mcmc_acceptance"] == stats.acceptance_rate()
+    # One MCMC step per latent frame after each of the 24 steps that leave it noisy, in each of the 3 stages.
+    (stats,), = [counted]
+    assert int(stats.proposed.sum()) == 3 * 24 and row["preview_mcmc_acceptance"] == stats.acceptance_rate()
+    # Refinement changed the frames.
     saved = torch.from_numpy(np.load(tmp_path / "previews" / "step000003.npy"))
-    assert torch.equal(saved, refined)
-    assert not torch.equal(refined, preview_rollout(model, diffusion, given, 8, 4))
-    with pytest.raises(ConfigError, match="--preview_mcmc_steps 2 refines previews .* pass --energy True"):
-        make_preview(train_cfg, dataclasses.replace(model_cfg, energy=False), diffusion_cfg, str(tmp_path), logger)
+    given = get_dataset("bouncing_balls", split="test", T=1, image_size=SIZE).video(0)
+    plain = preview_rollout(model, create_diffusion(diffusion_cfg, timestep_respacing="ddim25"), given, 4, 2)
+    assert saved.shape == plain.shape and torch.equal(saved[0], plain[0]) and not torch.equal(saved, plain)
+    with pytest.raises(ConfigError, match="--preview_mcmc_steps 1 refines previews .* pass --energy True"):
+        launch.make_preview(train_cfg, dataclasses.replace(model_cfg, energy=False), diffusion_cfg, str(tmp_path),
+                            logger)
