@@ -16,6 +16,7 @@ from improved_diffusion.data.datasets import get_dataset
 from improved_diffusion.data.pixels import to_uint8
 from improved_diffusion.errors import ConfigError
 from improved_diffusion.evaluation.metrics import psnr
+from improved_diffusion.evaluation.test_evaluate import TinyI3D
 from improved_diffusion.script_util import DiffusionConfig, ModelConfig
 from improved_diffusion.training import checkpoint_io
 from improved_diffusion.training.test_train_loop import RUN, flat, straight_and_resumed, tiny_loop
@@ -167,15 +168,6 @@ def test_evaluations_sample_test_videos_at_their_steps_and_log_their_metrics(tmp
     assert np.array_equal(again, samples)
 
 
-class ChannelStatsI3D(torch.nn.Module):
-    """Stands in for i3d_torchscript.pt (same call): a video's features are its per-channel means and spreads."""
-
-    def forward(self, x: torch.Tensor, rescale: bool = False, resize: bool = False,
-                return_features: bool = False) -> torch.Tensor:
-        x = x.float() / 127.5 - 1
-        return torch.cat([x.mean(dim=(2, 3, 4)), x.std(dim=(2, 3, 4))], dim=1)
-
-
 def frechet_by_hand(a, b):
     """||mu_a - mu_b||^2 + tr(Ca + Cb - 2 (Ca Cb)^1/2), with scipy's matrix square root."""
     from scipy import linalg
@@ -187,7 +179,7 @@ def frechet_by_hand(a, b):
 
 def test_evaluations_log_fvd_with_an_i3d_file(tmp_path, monkeypatch, one_thread):
     i3d = tmp_path / "i3d.pt"
-    torch.jit.script(ChannelStatsI3D()).save(str(i3d))
+    torch.jit.script(TinyI3D()).save(str(i3d))  # features: per-channel means and spreads
     loop = measured_loop(tmp_path, monkeypatch, eval_interval=2, eval_videos=4, eval_T=6, eval_respacing="ddim2",
                          max_steps=2, log_interval=2, eval_i3d_path=str(i3d), keep_best="eval_fvd")
     loop.run()
