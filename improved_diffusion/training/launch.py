@@ -94,6 +94,7 @@ def resolve_and_check(train_cfg, model_cfg, diffusion_cfg):
     """
     if not train_cfg.dataset:
         train_cfg.validate()  # names the missing --dataset
+    check_preview_mcmc(train_cfg, model_cfg)
     if train_cfg.frame_skip < 1:
         train_cfg.validate()  # names --frame_skip
     if model_cfg.class_cond or model_cfg.num_classes:
@@ -159,6 +160,13 @@ def check_checkpoint_dir(run_dir):
         raise ConfigError(f"--checkpoint_dir: cannot write to {existing}.")
 
 
+def check_preview_mcmc(train_cfg, model_cfg):
+    """MCMC in previews descends the model's energy: refuse it for a model without one."""
+    if train_cfg.preview_mcmc_steps > 0 and not model_cfg.energy:
+        raise ConfigError(f"--preview_mcmc_steps {train_cfg.preview_mcmc_steps} refines previews by descending the "
+                          "model's energy, but the model has none: pass --energy True, or --preview_mcmc_steps 0.")
+
+
 def make_preview(train_cfg, model_cfg, diffusion_cfg, run_dir, logger):
     """FDM's --sample_interval: every so often, roll out test video 0 with the EMA model (autoreg,
     DDIM 25 steps, 2 x max_frames frames) into <run_dir>/previews/ and to wandb.
@@ -169,9 +177,7 @@ def make_preview(train_cfg, model_cfg, diffusion_cfg, run_dir, logger):
     size) and log their acceptance rate as preview_mcmc_acceptance."""
     K = train_cfg.max_frames
     mcmc_steps = train_cfg.preview_mcmc_steps
-    if mcmc_steps and not model_cfg.energy:
-        raise ConfigError(f"--preview_mcmc_steps {mcmc_steps} refines previews by descending the model's energy, "
-                          "but the model has none: pass --energy True, or --preview_mcmc_steps 0.")
+    check_preview_mcmc(train_cfg, model_cfg)
     if train_cfg.sample_interval <= 0 or K < 2:
         return None
     length = 2 * K
