@@ -252,5 +252,4 @@ def test_training_previews_of_an_energy_model_refine_and_log_their_acceptance(tm
     plain = preview_rollout(model, create_diffusion(diffusion_cfg, timestep_respacing="ddim25"), given, 4, 2)
     assert saved.shape == plain.shape and torch.equal(saved[0], plain[0]) and not torch.equal(saved, plain)
     with pytest.raises(ConfigError, match="--preview_mcmc_steps 1 refines previews .* pass --energy True"):
-        launch.make_preview(train_cfg, dataclasses.replace(model_cfg, energy=False), diffusion_cfg, str(tmp_path),
-                            logger)
+        launch.check_preview_mcmc(train_cfg, dataclasses.replace(model_cfg, energy=False))

@@ -499,8 +499,8 @@ def sample_dataset(checkpoint_path, sampling_scheme="autoreg", *, T=DEFAULT, n_o
     if slurm_task is not None and stop_index == DEFAULT:  # FDM: without --stop_index, one array task per batch
         indices = indices[int(slurm_task) * batch_size: (int(slurm_task) + 1) * batch_size]
     indices = indices[rank::world_size]  # under mpiexec each rank samples (and writes) its share
-    stab_shown, stab_warning = stabilization_shown(scheme, config)
     if rank == 0:
+        stab_shown, stab_warning = stabilization_shown(scheme, config)
         if stab_warning:
             print(stab_warning, file=sys.stderr)
         run_config = {"checkpoint": str(checkpoint_path), "dataset": dataset_name, "image_size": image_size,

@@ -64,14 +64,18 @@ def stabilization_timestep(diffusion, level):
     Diffusion Forcing shows them at timestep level - 1 of the training chain; after respacing we
     take the last kept timestep at or below it (kept timesteps always include 0).
     """
-    kept = list(getattr(diffusion, "timestep_map", range(diffusion.num_timesteps)))
+    kept = kept_timesteps(diffusion)
     return max(i for i, t in enumerate(kept) if t <= max(level - 1, kept[0]))
 
 
 def stabilization_shown_at(diffusion, level):
     """The training-chain timestep stabilized frames are shown at: level - 1 unless respacing rounded it down."""
-    kept = list(getattr(diffusion, "timestep_map", range(diffusion.num_timesteps)))
-    return int(kept[stabilization_timestep(diffusion, level)])
+    return int(kept_timesteps(diffusion)[stabilization_timestep(diffusion, level)])
+
+
+def kept_timesteps(diffusion):
+    """The training-chain timestep of each step of the (respaced) chain."""
+    return list(getattr(diffusion, "timestep_map", range(diffusion.num_timesteps)))
 
 
 def stage_levels(settings, num_latent, num_timesteps):

@@ -176,8 +176,7 @@ def make_preview(train_cfg, model_cfg, diffusion_cfg, run_dir, logger):
     An energy model's previews refine each step with --preview_mcmc_steps MCMC steps (default step
     size) and log their acceptance rate as preview_mcmc_acceptance."""
     K = train_cfg.max_frames
-    mcmc_steps = train_cfg.preview_mcmc_steps
-    check_preview_mcmc(train_cfg, model_cfg)
+    mcmc_steps = train_cfg.preview_mcmc_steps  # checked against the model by resolve_and_check
     if train_cfg.sample_interval <= 0 or K < 2:
         return None
     length = 2 * K
