@@ -42,7 +42,8 @@ METRICS = ("psnr", "ssim", "lpips", "fvd", "cue_recall", "on_manifold", "action_
 PER_FRAME_METRICS = ("psnr", "ssim", "lpips")  # on_manifold is per frame too, but of its own kind
 CARLA_METRICS = ("wd", "po")  # need the CARLA classifier and regressor (carla_coords.py)
 CARLA_DATASET = "carla_no_traffic"
-HIGHER_IS_BETTER = {"psnr": True, "ssim": True, "lpips": False, "fvd": False, "cue_recall": True, "wd": False,
+HIGHER_IS_BETTER = {"psnr": True, "ssim": True, "lpips": False, "fvd": False, "cue_recall": True, "cue_shown": True,
+                    "cue_recall_when_shown": True, "wd": False,
                     "po": False, "action_following": True, "on_manifold": True, "on_manifold_last_quarter": True, "time_to_drift": True}
 ON_MANIFOLD_ONLY = ("on_manifold applies to the {} datasets, whose generators define valid frames, "
                     "not to {!r}; leave it out of --metrics.")
@@ -230,6 +231,10 @@ def compute_metrics(samples, truth, n_obs, metrics, dataset=None, i3d_path=None,
                                             f"for the cue to return, got {t}.")
                 scores = cue.cue_recall(frames)
                 result["overall"]["cue_recall"] = scores["recall"]
+                # Timing (does the cue come back at all?) and memory (its colour, when it does) apart,
+                # so that tables and their spread over runs show both; None when no video shows the cue.
+                result["overall"]["cue_shown"] = scores["shown"]
+                result["overall"]["cue_recall_when_shown"] = scores["recall_when_shown"]
                 result["details"]["cue_recall"] = dict(chance=scores["chance"], shown=scores["shown"],
                                                        recall_when_shown=scores["recall_when_shown"],
                                                        matches=scores["matches"],

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from improved_diffusion.evaluation import evaluate as evaluation
-from improved_diffusion.data.cue_recall import CUE_RETURN
+from improved_diffusion.data.cue_recall import BACKGROUND, CUE_RETURN, PALETTE, cue_box, cue_colour_index
 from improved_diffusion.evaluation.metrics import MetricUnavailable
 from improved_diffusion.data.datasets import get_dataset
 from improved_diffusion.data.pixels import to_uint8
@@ -155,6 +155,25 @@ def test_cue_recall_applies_to_its_dataset_only(tmp_path):
     assert result["overall"]["cue_recall"] == 1.0 and result["details"]["cue_recall"]["chance"] == 0.25
     result = evaluation.evaluate(make_eval_dir(tmp_path / "bb", [ground_truth(0)]), metrics="psnr,cue_recall")
     assert "cue_recall" not in result["overall"] and "cue_recall dataset" in result["skipped"]["cue_recall"]
+
+
+def test_cue_shown_and_recall_when_shown_separate_timing_from_memory(tmp_path):
+    """Four videos: two true ones, one whose cue never returns, one whose cue returns in another colour:
+    recall 2/4, shown 3/4 (a cue colour at the return), recall when shown 2/3."""
+    length = CUE_RETURN + 4
+    samples = [ground_truth(i, "cue_recall", length, seed=0) for i in range(4)]
+    top, bottom, left, right = cue_box(SIZE)
+    samples[2][CUE_RETURN:, :, top:bottom, left:right] = BACKGROUND[:, None, None]
+    other = PALETTE[(cue_colour_index("test", 3, seed=0) + 1) % len(PALETTE)]
+    samples[3][CUE_RETURN:, :, top:bottom, left:right] = other[:, None, None]
+    overall = evaluation.evaluate(make_eval_dir(tmp_path / "four", samples, "cue_recall", data_seed=0),
+                                  metrics="cue_recall")["overall"]
+    assert overall == dict(cue_recall=2 / 4, cue_shown=3 / 4, cue_recall_when_shown=2 / 3)
+
+    hidden = [samples[2]]  # no video shows the cue: recall when shown has no value, not 0
+    overall = evaluation.evaluate(make_eval_dir(tmp_path / "none", hidden, "cue_recall", data_seed=0),
+                                  metrics="cue_recall")["overall"]
+    assert overall == dict(cue_recall=0.0, cue_shown=0.0, cue_recall_when_shown=None)
 
 
 def noise_frames(shape, seed=0):

@@ -17,6 +17,7 @@ from improved_diffusion.data.pixels import to_uint8
 from improved_diffusion.errors import ConfigError
 from improved_diffusion.evaluation.metrics import psnr
 from improved_diffusion.evaluation.test_evaluate import TinyI3D
+from improved_diffusion.data.cue_recall import BACKGROUND, CUE_RETURN, cue_box, cue_recall
 from improved_diffusion.script_util import DiffusionConfig, ModelConfig
 from improved_diffusion.training import checkpoint_io
 from improved_diffusion.training.test_train_loop import RUN, flat, straight_and_resumed, tiny_loop
@@ -33,9 +34,9 @@ def rows(run_dir):
         return list(csv.DictReader(f))
 
 
-def measured_loop(tmp_path, monkeypatch, **overrides):
+def measured_loop(tmp_path, monkeypatch, dataset="bouncing_balls", **overrides):
     """tiny_loop with its validation set and evaluation built as launch.train builds them."""
-    loop = tiny_loop(tmp_path, monkeypatch, dataset="bouncing_balls", **overrides)
+    loop = tiny_loop(tmp_path, monkeypatch, dataset=dataset, **overrides)
     loop.validation = make_validation(loop.cfg, MODEL, loop.diffusion.num_timesteps)
     loop.evaluation = SampleEvaluation.from_config(loop.cfg, MODEL, DIFFUSION, loop.run_dir)
     return loop
@@ -166,6 +167,26 @@ def test_evaluations_sample_test_videos_at_their_steps_and_log_their_metrics(tmp
     # Fixed seeds: the same weights sample the same videos.
     again = loop.evaluation.sample(loop.ema_model())
     assert np.array_equal(again, samples)
+
+
+def test_cue_recall_evaluations_log_shown_and_leave_out_a_recall_when_shown_without_value(tmp_path, monkeypatch,
+                                                                                          one_thread):
+    """Samples = the test videos with the returning cue erased: recall 0, shown 0, and recall when shown has
+    no value (no video shows the cue), so it is left out of the log rather than written as a number."""
+    loop = measured_loop(tmp_path, monkeypatch, dataset="cue_recall", eval_interval=2, eval_videos=2,
+                         eval_T=CUE_RETURN + 2, eval_respacing="ddim2", max_steps=2, log_interval=2)
+    erased = to_uint8(loop.evaluation.truth).numpy()
+    top, bottom, left, right = cue_box(16)
+    erased[:, CUE_RETURN:, :, top:bottom, left:right] = BACKGROUND[:, None, None]
+    assert cue_recall(erased)["shown"] == 0.0 and cue_recall(to_uint8(loop.evaluation.truth).numpy())["shown"] == 1.0
+    monkeypatch.setattr(loop.evaluation, "sample", lambda model: erased)
+    loop.run()
+    (row,) = [row for row in rows(loop.run_dir) if row.get("eval_cue_recall")]
+    assert float(row["eval_cue_recall"]) == 0.0 and float(row["eval_cue_shown"]) == 0.0
+    assert not row.get("eval_cue_recall_when_shown")
+    with open(os.path.join(loop.run_dir, "evals", "step000002", "metrics.json")) as f:
+        figures = json.load(f)["figures"]
+    assert {k: v for k, v in figures.items() if k.startswith("eval_cue")} == dict(eval_cue_recall=0.0, eval_cue_shown=0.0)
 
 
 def frechet_by_hand(a, b):

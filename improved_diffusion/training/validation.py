@@ -263,7 +263,8 @@ class SampleEvaluation:
         actions = None if self.actions is None else self.actions.numpy()
         scores = compute_metrics(samples, truth, self.scheme.n_obs, self.metrics, self.dataset_name, actions=actions,
                                  detector=self.detector)
-        figures = {f"eval_{name}": float(value) for name, value in scores["overall"].items()}
+        figures = {f"eval_{name}": float(value) for name, value in scores["overall"].items()
+                   if value is not None}  # cue_recall_when_shown has no value when no video shows the cue
         if self.run_dir is not None and checkpoint_io.is_local(self.run_dir):
             folder = os.path.join(self.run_dir, "evals", f"step{step:06d}")
             os.makedirs(folder, exist_ok=True)
