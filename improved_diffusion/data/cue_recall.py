@@ -13,7 +13,8 @@ generate the return keep an early frame in their conditioning set, which is what
 plans of FDM differ in. Nothing else in the video tells the colour: the ball's motion is
 independent of it. The same holds for *when* the cue returns: a network that sees frame
 positions only relative to each other (FDM's) cannot tell frames 8-11 from frames 4-7, so a
-plan whose context holds only hidden-cue frames must guess the timing (README, `cue_shown`). For larger windows raise CUE_RETURN (and DEFAULT_T) above the window.
+plan whose context holds only hidden-cue frames must guess the timing (README, `cue_shown`).
+For larger windows raise CUE_RETURN (and DEFAULT_T) above the window.
 Measured: with a 20-frame return gap (CUE_RETURN 24, T 32) a 20-minute CPU model drew the
 returning cue in only 4-23 % of sampled videos; with 10 hidden frames in 25-44 %, often
 enough to separate the schemes (README).

@@ -176,7 +176,7 @@ def test_cue_recall_evaluations_log_shown_and_leave_out_a_recall_when_shown_with
     loop = measured_loop(tmp_path, monkeypatch, dataset="cue_recall", eval_interval=2, eval_videos=2,
                          eval_T=CUE_RETURN + 2, eval_respacing="ddim2", max_steps=2, log_interval=2)
     erased = to_uint8(loop.evaluation.truth).numpy()
-    top, bottom, left, right = cue_box(16)
+    top, bottom, left, right = cue_box(MODEL.image_size)
     erased[:, CUE_RETURN:, :, top:bottom, left:right] = BACKGROUND[:, None, None]
     assert cue_recall(erased)["shown"] == 0.0 and cue_recall(to_uint8(loop.evaluation.truth).numpy())["shown"] == 1.0
     monkeypatch.setattr(loop.evaluation, "sample", lambda model: erased)
@@ -186,7 +186,8 @@ def test_cue_recall_evaluations_log_shown_and_leave_out_a_recall_when_shown_with
     assert not row.get("eval_cue_recall_when_shown")
     with open(os.path.join(loop.run_dir, "evals", "step000002", "metrics.json")) as f:
         figures = json.load(f)["figures"]
-    assert {k: v for k, v in figures.items() if k.startswith("eval_cue")} == dict(eval_cue_recall=0.0, eval_cue_shown=0.0)
+    cue_figures = {k: v for k, v in figures.items() if k.startswith("eval_cue")}
+    assert cue_figures == dict(eval_cue_recall=0.0, eval_cue_shown=0.0)
 
 
 def frechet_by_hand(a, b):
