@@ -13,17 +13,12 @@ repetitions of two numbers per row:
 """
 
 import argparse
-import statistics
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from improved_diffusion.data import bouncing_balls  # noqa: E402
-from improved_diffusion.data.datasets import get_dataset, train_batches  # noqa: E402
-from improved_diffusion.data.shards import write_cache  # noqa: E402
+from improved_diffusion.benchmark.data_loading import compare_sources  # noqa: E402
 
 
 def create_argparser():
@@ -43,61 +38,11 @@ def create_argparser():
     return p
 
 
-def make_clips(folder, clips, frames, size):
-    """Bouncing-ball clips as mp4 files (the codec imageio-ffmpeg ships), like a user's own folder."""
-    import imageio_ffmpeg
-
-    folder.mkdir(parents=True, exist_ok=True)
-    for i in range(clips):
-        path = folder / f"{i}.mp4"
-        if path.exists():
-            continue
-        writer = imageio_ffmpeg.write_frames(str(path), (size, size), fps=10, quality=8, macro_block_size=1)
-        writer.send(None)
-        for frame in bouncing_balls.make_video("train", i, T=frames, image_size=size):
-            writer.send(frame)
-        writer.close()
-    return folder
-
-
-def time_batches(dataset, args, workers, step_s):
-    """Median over reps of the seconds per batch spent in next(), a step of step_s seconds between calls."""
-    batches = train_batches(dataset, args.batch_size, seed=0, num_workers=workers)
-    next(batches)  # threads started, files opened
-    per_rep = []
-    for _ in range(args.reps):
-        waited = 0.0
-        for _ in range(args.batches):
-            if step_s:
-                time.sleep(step_s)
-            start = time.perf_counter()
-            next(batches)
-            waited += time.perf_counter() - start
-        per_rep.append(waited / args.batches)
-    batches.close()
-    return statistics.median(per_rep)
-
-
 def main(args):
-    work = Path(args.work_dir or tempfile.mkdtemp(prefix="bench_data-"))
-    folder = Path(args.folder) if args.folder else make_clips(work / "clips", args.clips, args.frames, args.clip_size)
-    sizes = [int(s) for s in args.image_sizes.split(",")]
-    workers = [int(w) for w in args.workers.split(",")]
-    print(f"folder {folder}: batch {args.batch_size} x T {args.T}, median of {args.reps} x {args.batches} batches, "
-          f"wait/step with a {args.step_s} s step")
-    print(f"{'source':<7} {'size':>4} {'workers':>7} {'s/batch':>9} {'wait/step':>9}")
-    for size in sizes:
-        cache = work / f"cache-{size}"
-        start = time.perf_counter()
-        write_cache(folder, cache, splits=("train",), image_size=size)
-        cache_s = time.perf_counter() - start
-        sources = {"mp4": get_dataset(str(folder), T=args.T, image_size=size), "cache": get_dataset(str(cache), T=args.T)}
-        for name, dataset in sources.items():
-            for w in workers:
-                throughput = time_batches(dataset, args, w, 0.0)
-                wait = time_batches(dataset, args, w, args.step_s)
-                print(f"{name:<7} {size:>4} {w:>7} {throughput:>9.4f} {wait:>9.4f}", flush=True)
-        print(f"(caching the {len(sources['mp4'])} train clips at size {size} took {cache_s:.1f} s)")
+    compare_sources(args.folder, args.work_dir, args.clips, args.frames, args.clip_size,
+                    image_sizes=[int(s) for s in args.image_sizes.split(",")],
+                    workers=[int(w) for w in args.workers.split(",")], batch_size=args.batch_size, T=args.T,
+                    reps=args.reps, batches=args.batches, step_s=args.step_s)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from improved_diffusion import cli  # noqa: E402
-from improved_diffusion.data.shards import DEFAULT_SHARD_SIZE, mpi_world, write_cache  # noqa: E402
+from improved_diffusion.data.shard_writer import DEFAULT_SHARD_SIZE, mpi_world, write_cache  # noqa: E402
 
 SPLITS = {"train": ("train",), "test": ("test",), "both": ("train", "test")}
 

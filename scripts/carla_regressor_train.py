@@ -26,7 +26,8 @@ import torch  # noqa: E402
 
 from improved_diffusion import cli  # noqa: E402
 from improved_diffusion.errors import ConfigError  # noqa: E402
-from improved_diffusion.evaluation.carla_coords import KINDS, RESNET152_LAYERS, train_and_save  # noqa: E402
+from improved_diffusion.evaluation.carla_regressor import KINDS, RESNET152_LAYERS  # noqa: E402
+from improved_diffusion.evaluation.carla_training import train_and_save  # noqa: E402
 
 
 def create_argparser():

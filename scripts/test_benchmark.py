@@ -9,10 +9,11 @@ import math
 import pytest
 import torch
 
-from improved_diffusion import benchmark
+from improved_diffusion.benchmark import configs, probes, run, tables
+from improved_diffusion.benchmark.runner import Runner
 from improved_diffusion.errors import ConfigError
 
-COLUMN_MEASURE = benchmark.COLUMN_MEASURE
+COLUMN_MEASURE = tables.COLUMN_MEASURE
 
 
 def positive_finite(value):
@@ -22,13 +23,13 @@ def positive_finite(value):
 def test_tiny_benchmark_fills_every_cell_its_variant_measures():
     # One thread: on a busy CPU, OpenMP threads of tiny ops spend most of their time waiting for each other.
     threads = torch.get_num_threads()
-    result = benchmark.run_benchmark("tiny", device="cpu", reps=1, quick=True, threads=1, log=lambda line: None)
+    result = run.run_benchmark("tiny", device="cpu", reps=1, quick=True, threads=1, log=lambda line: None)
     assert torch.get_num_threads() == threads and result["header"]["threads"] == 1
     rows = {row["variant"]: row for row in result["rows"]}
-    expected = benchmark.choose_variants("", torch.device("cpu"), quick=True)
+    expected = probes.choose_variants("", torch.device("cpu"), quick=True)
     assert list(rows) == expected and expected[0] == "fp32"
     assert {"checkpoint", "per-video", "kv-cache"} <= set(rows)
-    assert not any(benchmark.VARIANTS[n].compile for n in rows)  # --quick compiles nothing on CPU by default
+    assert not any(configs.VARIANTS[n].compile for n in rows)  # --quick compiles nothing on CPU by default
     for name, row in rows.items():
         if row["unavailable"]:  # only the cache may be missing, while it is being written
             assert name == "kv-cache" and row["unavailable"] == "not available"
@@ -43,17 +44,17 @@ def test_tiny_benchmark_fills_every_cell_its_variant_measures():
                 assert positive_finite(value), (name, key, value)
             else:
                 assert value is None, (name, key, value)
-        assert set(row["ratios"]) == {key for key, _, _ in benchmark.RATIOS if row[key] is not None}
+        assert set(row["ratios"]) == {key for key, _, _ in tables.RATIOS if row[key] is not None}
         assert {m: len(ts) for m, ts in row["times_s"].items()} == {m: 1 for m in row["measures"]}
     assert all(r == 1 for r in rows["fp32"]["ratios"].values())
     header = result["header"]
     assert header["config"] == "tiny" and header["parameters"] > 0 and header["train_flops"] > 0
     assert header["train_batch"] == [2, 4, 3, 8, 8]
 
-    table = benchmark.markdown(result)
+    table = tables.markdown(result)
     lines = [line for line in table.splitlines() if line.startswith("| ")]
     headings = [c.strip() for c in lines[0].strip("|").split("|")]
-    assert headings == ["variant"] + [c[1] for c in benchmark.COLUMNS] + [r[1] for r in benchmark.RATIOS]
+    assert headings == ["variant"] + [c[1] for c in tables.COLUMNS] + [r[1] for r in tables.RATIOS]
     assert [line.split("|")[1].strip() for line in lines[1:]] == expected
     assert all(len(line.strip("|").split("|")) == len(headings) for line in lines)
 
@@ -65,7 +66,7 @@ def test_script_prints_the_table_and_writes_json_and_markdown(run_script, tmp_pa
     assert "| per-video |" in out and "frames/s stabilized-autoreg" in out
     data = json.loads((tmp_path / "bench.json").read_text())
     assert [row["variant"] for row in data["rows"]] == ["fp32", "per-video"]
-    assert (tmp_path / "bench.md").read_text() == benchmark.markdown(data)
+    assert (tmp_path / "bench.md").read_text() == tables.markdown(data)
 
 
 @pytest.mark.parametrize("argv, words", [
@@ -81,11 +82,11 @@ def test_bad_input_is_one_sentence(run_script, argv, words):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
 def test_cuda_without_a_gpu_is_a_config_error():
     with pytest.raises(ConfigError, match="GPU"):
-        benchmark.run_benchmark("tiny", device="cuda", reps=1, log=lambda line: None)
+        run.run_benchmark("tiny", device="cuda", reps=1, log=lambda line: None)
 
 
 def test_a_failing_measure_is_reported_and_the_rest_still_measured():
-    class Broken(benchmark.Runner):
+    class Broken(Runner):
         def __init__(self):  # no models: only what repeat_interleaved uses
             self.name, self.measures, self.failed = "compile", ("forward", "train"), {}
 
@@ -95,7 +96,7 @@ def test_a_failing_measure_is_reported_and_the_rest_still_measured():
             return 0.5
 
     runner = Broken()
-    first, times = benchmark.repeat_interleaved([runner], reps=2, log=lambda line: None)
+    first, times = run.repeat_interleaved([runner], reps=2, log=lambda line: None)
     assert first == {"compile": {"forward": 0.5}} and times == {"compile": {"forward": [0.5, 0.5]}}
     assert runner.failed == {"train": "RuntimeError: cannot determine truth value"}
     assert runner.measures == ("forward",)

@@ -7,7 +7,7 @@
 Writes <eval_dir>/coords/sample_<index>-<sample_idx>.npy, float64 [T x 2] (x, y) per frame, beside
 samples/; files already there are kept, so a stopped run resumes. With --dataset_dir DIR instead
 of --eval_dir (FDM's second mode), every DIR/video_*.pt is mapped to results/DIR/coords/. The classifier picks a grid cell
-of Town01 and the regressor's head for that cell gives (x, y) (see carla_coords.py). video_eval.py
+of Town01 and the regressor's head for that cell gives (x, y) (see carla_regressor.py). video_eval.py
 computes FDM's WD and PO metrics from the same networks.
 """
 

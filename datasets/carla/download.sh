@@ -40,7 +40,7 @@ fi
 if [ ! -f "$OUT/video_train.csv" ] || [ ! -f "$OUT/video_test.csv" ]; then
     echo "Writing the train/test split files"
     PYTHONPATH="$REPO_DIR${PYTHONPATH:+:$PYTHONPATH}" "$PYTHON" -c \
-        "import sys; from improved_diffusion.data.datasets import write_carla_split; write_carla_split(sys.argv[1])" \
+        "import sys; from improved_diffusion.data.splits import write_carla_split; write_carla_split(sys.argv[1])" \
         "$OUT" || die "could not write the split files in $OUT."
 fi
 touch "$OUT/.complete"

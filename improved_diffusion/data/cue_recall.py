@@ -27,7 +27,7 @@ import zlib
 
 import numpy as np
 
-from ..evaluation.metrics import to_pixel_scale
+from .pixels import to_pixel_scale
 
 DEFAULT_T = 20
 DEFAULT_IMAGE_SIZE = 32

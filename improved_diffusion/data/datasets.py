@@ -1,8 +1,9 @@
 """
-Video datasets: a registry of named datasets plus any folder of the user's own videos.
+The dataset registry: named datasets, and any folder of the user's own videos or cache folder.
 
-Every dataset hands out float32 [T x C x H x W] videos in [-1, 1]; `train_batches`
-turns one into an endless, sharded, exactly reproducible stream of
+`get_dataset` builds one by name or path; every dataset hands out float32 [T x C x H x W] videos
+in [-1, 1], and `train_batches` (batches.py, importable from here too, as the data package's
+other entry point) turns one into an endless, sharded, exactly reproducible stream of
 [B x T x C x H x W] batches.
 
     name                    default T  size  on disk (under the data root, see `data_root`)
@@ -18,7 +19,7 @@ turns one into an endless, sharded, exactly reproducible stream of
     <folder path>           shortest   64    .mp4/.gif/.npy/.pt files anywhere below the folder
                                              (+ <name>.actions.npy beside each, optional)
     <cache folder>          its T      its   index.json + <split>/shard_*.npy written by
-                                             scripts/cache_dataset.py (shards.py): no decoding
+                                             scripts/cache_dataset.py (shard_cache.py): no decoding
 
 Actions (actions.py): `dataset.action_dim` is D, or None when the dataset has none, and
 `dataset.num_actions` the number of discrete actions (delivered one-hot, D = num_actions) or
@@ -34,42 +35,27 @@ The layouts of carla, minerl and mazes are those of FDM's release, so existing d
 work unchanged; dmlab and minecraft are TECO's releases as Diffusion Forcing reads them.
 The data root is the `data_root` argument, else the `datasets/` folder of this repository.
 If the environment variable DATA_ROOT is set, each file is copied there (fast local
-storage) the first time it is read, and read from there afterwards.
+storage) the first time it is read, and read from there afterwards (video_reader.cached_copy).
 """
 
 import functools
-import hashlib
 import importlib
-import inspect
-import os
-import queue
-import re
-import shutil
-import threading
-import warnings
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 from ..errors import DatasetError
-from .actions import ActionEncoding, actions_path, folder_encoding, is_actions_file, read_actions_file
-from .pixels import from_uint8
+from .batches import train_batches  # noqa: F401 - the data package's entry points are importable from here
+from .episodes import episode_dataset
+from .shard_cache import ShardDataset, cache_default_T, cache_image_size, cache_skips_frames, find_cache
+from .sources import FileDataset, ProceduralDataset
+from .splits import carla_split_paths, find_videos, scan_lengths, user_folder_dataset
+from .video_reader import VIDEO_SUFFIXES, natural_key
 
 REPO_DATASETS = Path(__file__).resolve().parents[2] / "datasets"
 SPLITS = ("train", "test")
-VIDEO_SUFFIXES = (".mp4", ".gif", ".npy", ".pt", ".webm", ".mov", ".avi", ".mkv")
-FFMPEG_SUFFIXES = (".mp4", ".webm", ".mov", ".avi", ".mkv")
 USER_FOLDER_IMAGE_SIZE = 64
-USER_FOLDER_TEST_PERCENT = 10
-CARLA_NUM_TEST = 100  # FDM's split: the 100 highest-numbered videos are the test set
-
-
-class DatasetWarning(UserWarning):
-    """Videos were skipped (too short, or unreadable with on_bad_video="skip")."""
 
 
 @dataclass(frozen=True)
@@ -107,11 +93,6 @@ DATASETS = {
 DATASET_NAMES = tuple(DATASETS)
 
 
-# ---------------------------------------------------------------------------
-# Registry
-# ---------------------------------------------------------------------------
-
-
 def _procedural_module(name):
     """Import lazily, so a missing optional generator only matters to those who ask for it."""
     spec = DATASETS[name]
@@ -144,11 +125,9 @@ def default_T(name, frame_skip=1):
         spec = DATASETS[name]
         return spec.T // int(frame_skip) if spec.T is not None else int(_procedural_module(name).DEFAULT_T)
     if _is_cache(name):
-        from .shards import cache_default_T
-
         return cache_default_T(name, frame_skip)
     folder = _user_folder(name)
-    lengths = [n for n in _scan_lengths(_find_videos(folder), skip_bad=True).values() if n is not None]
+    lengths = [n for n in scan_lengths(find_videos(folder), skip_bad=True).values() if n is not None]
     if not lengths:
         raise DatasetError(f"No readable videos ({', '.join(VIDEO_SUFFIXES)}) found in folder {folder}.")
     return min(lengths)
@@ -160,8 +139,6 @@ def default_image_size(name):
         spec = DATASETS[name]
         return spec.image_size if spec.image_size is not None else int(_procedural_module(name).DEFAULT_IMAGE_SIZE)
     if _is_cache(name):
-        from .shards import cache_image_size
-
         return cache_image_size(name)
     _user_folder(name)
     return USER_FOLDER_IMAGE_SIZE
@@ -174,20 +151,15 @@ def dataset_folder(name, data_root=None):
 
 
 def _is_cache(name):
-    """Whether `name` is a folder written by scripts/cache_dataset.py (shards.py reads it)."""
-    from .shards import find_cache  # shards.py builds on this module's classes
-
+    """Whether `name` is a folder written by scripts/cache_dataset.py (shard_cache.py reads it)."""
     return name not in DATASETS and find_cache(name) is not None
 
 
 def _check_frame_skip(name, frame_skip):
     if not isinstance(frame_skip, (int, np.integer)) or frame_skip < 1:
         raise DatasetError(f"frame_skip must be a positive integer, got {frame_skip!r}.")
-    if frame_skip != 1 and _is_cache(name):
-        from .shards import cache_skips_frames
-
-        if cache_skips_frames(name):
-            return
+    if frame_skip != 1 and _is_cache(name) and cache_skips_frames(name):
+        return
     if frame_skip != 1 and (name not in DATASETS or DATASETS[name].kind != "episodes"):
         episodic = ", ".join(n for n, spec in DATASETS.items() if spec.kind == "episodes")
         raise DatasetError(f"frame_skip {frame_skip} is not supported for dataset {name!r}, only for {episodic}.")
@@ -212,8 +184,6 @@ def get_dataset(
         raise DatasetError(f"on_bad_video must be 'stop' or 'skip', got {on_bad_video!r}.")
     _check_frame_skip(name, frame_skip)
     if _is_cache(name):
-        from .shards import ShardDataset
-
         if (T is not None and int(T) < 1) or (image_size is not None and int(image_size) < 1):
             raise DatasetError(f"T and image_size must be positive for dataset {name!r}, got T={T}, image_size={image_size}.")
         return ShardDataset(name, split, T, image_size, int(frame_skip))
@@ -225,7 +195,7 @@ def get_dataset(
     root = Path(data_root).expanduser() if data_root is not None else REPO_DATASETS
 
     if name not in DATASETS:
-        return _user_folder_dataset(name, _user_folder(name), split, T, image_size, skip_bad)
+        return user_folder_dataset(name, _user_folder(name), split, T, image_size, skip_bad)
     spec = DATASETS[name]
     if spec.kind == "procedural":
         return ProceduralDataset(name, split, T, image_size, _procedural_module(name), seed)
@@ -233,16 +203,14 @@ def get_dataset(
     if not folder.is_dir():
         raise DatasetError(f"Dataset {name!r} was not found at {folder}; download it with `{spec.download}`.")
     if spec.kind == "episodes":
-        from .episodes import episode_dataset  # episodes.py builds on this module's classes
-
         return episode_dataset(name, folder, split, T, image_size, root, skip_bad, int(frame_skip), spec.download)
     if spec.kind == "carla":
-        paths = _carla_split_paths(folder, split, skip_bad, root)
+        paths = carla_split_paths(folder, split, skip_bad, root)
     else:
         folder = folder / split
         if not folder.is_dir():
             raise DatasetError(f"Dataset {name!r} has no {split} split at {folder}; download it with `{spec.download}`.")
-        paths = sorted(folder.glob("*.npy"), key=_natural_key)
+        paths = sorted(folder.glob("*.npy"), key=natural_key)
     if not paths:
         raise DatasetError(f"Dataset {name!r} has no {split} videos in {folder}; download it with `{spec.download}`.")
     return FileDataset(name, split, T, image_size, paths, source_root=root, skip_bad=skip_bad)
@@ -267,645 +235,3 @@ def test_actions(dataset_name_or_path, index, T=None, image_size=None, seed=0, d
 
 test_video.__test__ = False  # a helper for samplers, not a pytest test
 test_actions.__test__ = False
-
-
-# ---------------------------------------------------------------------------
-# Datasets
-# ---------------------------------------------------------------------------
-
-
-class VideoDataset:
-    """
-    A fixed list of videos; subclasses say how to get the uint8 frames of one, and, if the
-    dataset has actions, the actions of the same frames (`frames_and_actions`).
-
-    action_encoding (actions.py) is None for a dataset without actions; action_dim and
-    num_actions read from it.
-    """
-
-    action_encoding = None
-
-    def __init__(self, name, split, T, image_size):
-        self.name = name
-        self.split = split
-        self.T = T
-        self.image_size = image_size
-
-    @property
-    def action_dim(self):
-        """Width D of each frame's action vector, or None when the dataset has no actions."""
-        return None if self.action_encoding is None else self.action_encoding.action_dim
-
-    @property
-    def num_actions(self):
-        """Number of discrete actions (delivered one-hot, D = num_actions); None for continuous or no actions."""
-        return None if self.action_encoding is None else self.action_encoding.num_actions
-
-    def __len__(self):
-        raise NotImplementedError
-
-    def frames(self, index, rng=None):
-        """uint8 [T x H x W x 3] numpy frames of video `index` at whatever size they are stored."""
-        raise NotImplementedError
-
-    def frames_and_actions(self, index, rng=None):
-        """
-        frames(index, rng) and the float32 [T x action_dim] actions of those frames (row t: the
-        action taken at frame t), or None without actions. Drawing from rng exactly as frames()
-        does, so an rng in the same state gives the same window either way.
-        """
-        return self.frames(index, rng), None
-
-    def _check_index(self, index):
-        if not 0 <= index < len(self):
-            raise IndexError(f"Video index {index} is out of range for {self.split} split of {self.name!r} ({len(self)} videos).")
-
-    def video(self, index, rng=None):
-        """
-        float32 [T x C x H x W] in [-1, 1]. With rng (training): a length-T window
-        starting at a position drawn from rng; without: the first T frames.
-        """
-        self._check_index(index)
-        return to_model_range(self.frames(index, rng), self.image_size)
-
-    def video_and_actions(self, index, rng=None):
-        """video(index, rng) and torch float32 [T x action_dim] actions of the same frames (None without actions)."""
-        self._check_index(index)
-        frames, actions = self.frames_and_actions(index, rng)
-        return to_model_range(frames, self.image_size), None if actions is None else torch.from_numpy(actions)
-
-    def __repr__(self):
-        return f"{type(self).__name__}({self.name!r}, split={self.split!r}, T={self.T}, image_size={self.image_size}, videos={len(self)})"
-
-
-class ProceduralDataset(VideoDataset):
-    """
-    Videos generated on the fly by a module's make_video(split, index, seed=, T=, image_size=).
-
-    A module with actions also defines NUM_ACTIONS and make_video_and_actions(split, index,
-    seed=, T=, image_size=, start=) -> (uint8 frames, [T] integer actions); its make_video
-    returns the same frames.
-    """
-
-    def __init__(self, name, split, T, image_size, module, seed=0):
-        super().__init__(name, split, T, image_size)
-        self.module = module
-        self.seed = seed
-        # A training window is drawn from a video as long as the module's default.
-        self.full_length = max(T, int(getattr(module, "DEFAULT_T", T)))
-        num_videos = getattr(module, "NUM_VIDEOS", {"train": 10_000, "test": 100})
-        self.num_videos = int(num_videos[split])
-        self._takes_start = "start" in inspect.signature(module.make_video).parameters
-        if hasattr(module, "NUM_ACTIONS"):
-            self.action_encoding = ActionEncoding.discrete(module.NUM_ACTIONS)
-
-    def __len__(self):
-        return self.num_videos
-
-    def _window_start(self, rng):
-        return 0 if rng is None else int(rng.integers(0, self.full_length - self.T + 1))
-
-    def frames_and_actions(self, index, rng=None):
-        if self.action_encoding is None:
-            return self.frames(index, rng), None
-        start = self._window_start(rng)
-        frames, actions = self.module.make_video_and_actions(
-            self.split, index, seed=self.seed, T=self.T, image_size=self.image_size, start=start
-        )
-        return frames, self.action_encoding.encode(actions, f"module {self.module.__name__}")
-
-    def frames(self, index, rng=None):
-        start = self._window_start(rng)
-        make = self.module.make_video
-        if self._takes_start:
-            return make(self.split, index, seed=self.seed, T=self.T, image_size=self.image_size, start=start)
-        # Generators without `start` may need their full length (cue_recall does).
-        video = make(self.split, index, seed=self.seed, T=self.full_length, image_size=self.image_size)
-        return video[start : start + self.T]
-
-
-class FileDataset(VideoDataset):
-    """
-    One video per file. Files are read lazily (and copied to DATA_ROOT first if it
-    is set); npy and pt files are memory-mapped so a window reads only its frames.
-
-    With skip_bad, a file that turns out unreadable is replaced, deterministically,
-    by the next good video, so a batch never contains garbage.
-    """
-
-    def __init__(
-        self, name, split, T, image_size, paths, source_root, skip_bad=False, lengths=None, action_encoding=None
-    ):
-        super().__init__(name, split, T, image_size)
-        self.paths = [Path(p) for p in paths]
-        self.source_root = Path(source_root)
-        self.skip_bad = skip_bad
-        self.lengths = lengths  # known frame counts (user folders), else found when read
-        self.action_encoding = action_encoding  # user folders with <name>.actions.npy files (checked, lengths known)
-        self._bad = set()
-
-    def __len__(self):
-        return len(self.paths)
-
-    def frames(self, index, rng=None):
-        return self.frames_and_actions(index, rng)[0]
-
-    def frames_and_actions(self, index, rng=None):
-        for offset in range(len(self.paths)):
-            i = (index + offset) % len(self.paths)
-            if i in self._bad:
-                continue
-            try:
-                return self._read(i, rng)
-            except DatasetError as e:
-                if not self.skip_bad:
-                    raise
-                self._bad.add(i)
-                warnings.warn(f"Skipping bad video ({e}); {len(self._bad)} skipped so far.", DatasetWarning)
-        raise DatasetError(f"Every video of the {self.split} split of {self.name!r} is unreadable.")
-
-    def _read(self, i, rng):
-        """Frames (and actions) of file i; DatasetError if it cannot be read."""
-        known = None if self.lengths is None else self.lengths[i]
-        path = cached_copy(self.paths[i], self.source_root)
-        if self.action_encoding is None:
-            return read_video(path, self.T, rng, known_length=known), None
-        start = _window_start(known, self.T, rng, path)
-        frames = read_video(path, self.T, known_length=known, start=start)
-        source = actions_path(self.paths[i])
-        stored = read_actions_file(cached_copy(source, self.source_root))
-        return frames, self.action_encoding.encode(stored[start : start + self.T], source)
-
-
-def _natural_key(path):
-    """Sort key that puts 2.npy before 10.npy."""
-    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", str(path))]
-
-
-# ---------------------------------------------------------------------------
-# CARLA split files (FDM format: a CSV with a header row and rows "<i>,<path>")
-# ---------------------------------------------------------------------------
-
-
-def carla_split(filenames, num_test=CARLA_NUM_TEST):
-    """FDM's split of CARLA video files: sorted by number, the last num_test are the test set."""
-    ordered = sorted(filenames, key=lambda f: int(re.search(r"(\d+)", Path(f).stem).group(1)))
-    return ordered[:-num_test], ordered[-num_test:]
-
-
-def write_carla_split(folder, num_test=CARLA_NUM_TEST):
-    """Write video_train.csv and video_test.csv next to the video_<i>.pt files, as FDM's split script does."""
-    folder = Path(folder)
-    names = [p.name for p in folder.glob("video_*.pt")]
-    if len(names) <= num_test:
-        raise DatasetError(f"Folder {folder} holds {len(names)} CARLA videos, too few for a {num_test}-video test split.")
-    train, test = carla_split(names, num_test)
-    for split, files, first in (("train", train, 0), ("test", test, len(train))):
-        rows = "".join(f"{first + i},{folder.name}/{name}\n" for i, name in enumerate(files))
-        _atomic_write_text(folder / f"video_{split}.csv", ",path\n" + rows)
-    return train, test
-
-
-def _atomic_write_text(path, text):
-    part = path.with_name(path.name + f".{os.getpid()}.part")
-    part.write_text(text)
-    os.replace(part, path)
-
-
-def _carla_split_paths(folder, split, skip_bad, root):
-    """Videos of one split, from FDM's CSV if present, else from the same rule applied to the folder."""
-    csv = folder / f"video_{split}.csv"
-    if csv.exists():
-        lines = cached_copy(csv, root).read_text().splitlines()
-        names = [Path(line.split(",", 1)[-1].strip()).name for line in lines if ".pt" in line]
-    else:
-        found = [p.name for p in folder.glob("video_*.pt")]
-        if len(found) <= CARLA_NUM_TEST:
-            raise DatasetError(
-                f"Folder {folder} has no {csv.name} and only {len(found)} videos, too few to split; "
-                f"re-run `bash datasets/carla/download.sh`."
-            )
-        names = carla_split(found)[0 if split == "train" else 1]
-    paths = [folder / name for name in names]
-    missing = [p for p in paths if not p.exists()]
-    if missing and not skip_bad:
-        raise DatasetError(f"Split file {csv} lists {missing[0].name}, which does not exist in {folder}.")
-    if missing:
-        warnings.warn(f"Skipped {len(missing)} videos listed in {csv} that do not exist.", DatasetWarning)
-    return [p for p in paths if p.exists()]
-
-
-# ---------------------------------------------------------------------------
-# User folders
-# ---------------------------------------------------------------------------
-
-
-def _find_videos(folder):
-    """Video files below `folder`, in a stable order; hidden, partial and actions files are ignored."""
-    found = []
-    for path in folder.rglob("*"):
-        rel = path.relative_to(folder)
-        if is_actions_file(path) or any(p.startswith(".") for p in rel.parts):
-            continue
-        if path.suffix.lower() in VIDEO_SUFFIXES and path.is_file():
-            found.append(path)
-    return sorted(found, key=lambda p: _natural_key(p.relative_to(folder)))
-
-
-def _is_test_file(rel_path):
-    """Deterministic ~10% test split by a hash of the relative path, stable when files are added."""
-    digest = hashlib.md5(rel_path.as_posix().encode()).hexdigest()
-    return int(digest, 16) % 100 < USER_FOLDER_TEST_PERCENT
-
-
-def _user_split(folder, split):
-    """Files of one split: the train/ or test/ subfolder if there is one, else a hash split."""
-    if (folder / "train").is_dir() or (folder / "test").is_dir():
-        sub = folder / split
-        if not sub.is_dir():
-            raise DatasetError(f"Folder {folder} has a train/ or test/ subfolder but no {split}/ subfolder.")
-        return _find_videos(sub)
-    files = _find_videos(folder)
-    is_test = [_is_test_file(p.relative_to(folder)) for p in files]
-    if len(files) >= 2 and not any(is_test):
-        is_test[0] = True  # keep a tiny folder usable: one test video
-    if len(files) >= 2 and all(is_test):
-        is_test[-1] = False
-    return [p for p, t in zip(files, is_test) if t == (split == "test")]
-
-
-def _user_folder_dataset(name, folder, split, T, image_size, skip_bad):
-    if not _find_videos(folder):
-        raise DatasetError(f"No videos ({', '.join(VIDEO_SUFFIXES)}) found in folder {folder}.")
-    files = _user_split(folder, split)
-    lengths = _scan_lengths(files, skip_bad)
-    unreadable = [p for p, n in lengths.items() if n is None]
-    short = [p for p, n in lengths.items() if n is not None and n < T]
-    keep = [p for p in files if lengths[p] is not None and lengths[p] >= T]
-    if unreadable or short:
-        warnings.warn(
-            f"Skipped {len(unreadable) + len(short)} of {len(files)} {split} videos in {folder}: "
-            f"{len(short)} shorter than T={T}, {len(unreadable)} unreadable.",
-            DatasetWarning,
-        )
-    if not keep:
-        raise DatasetError(f"Folder {folder} has no {split} videos with at least T={T} frames.")
-    encoding = _user_folder_actions(folder, keep, lengths)
-    return FileDataset(
-        name, split, T, image_size, keep, source_root=folder, skip_bad=skip_bad, lengths=[lengths[p] for p in keep],
-        action_encoding=encoding,
-    )
-
-
-def _user_folder_actions(folder, videos, lengths):
-    """
-    The encoding of a folder's `<name>.actions.npy` files (None if it has none), after checking
-    that every video of the folder has one and that each of `videos` has one action per frame.
-    """
-    every_video = _find_videos(folder)
-    with_actions = [p for p in every_video if actions_path(p).is_file()]
-    if not with_actions:
-        return None
-    if len(with_actions) < len(every_video):
-        lacking = next(p for p in every_video if not actions_path(p).is_file())
-        raise DatasetError(
-            f"Folder {folder} has actions files for {len(with_actions)} of its {len(every_video)} videos "
-            f"({lacking.name} has no {actions_path(lacking).name}); give every video one or none."
-        )
-    encoding = folder_encoding([actions_path(p) for p in every_video])
-    for video in videos:
-        count = len(read_actions_file(actions_path(video)))
-        if count != lengths[video]:
-            raise DatasetError(
-                f"Actions file {actions_path(video)} has {count} actions but {video.name} has {lengths[video]} frames; "
-                f"it needs one action per frame."
-            )
-    return encoding
-
-
-_length_cache = {}
-
-
-def _scan_lengths(paths, skip_bad):
-    """Frame count of each file (None if unreadable and skip_bad); cached by size and mtime."""
-    lengths = {}
-    for path in paths:
-        stat = path.stat()
-        key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
-        if key not in _length_cache or (_length_cache[key] is None and not skip_bad):
-            try:
-                _length_cache[key] = video_length(path)
-            except DatasetError:
-                if not skip_bad:
-                    raise  # a file remembered as unreadable is read again, so the caller learns why
-                _length_cache[key] = None
-        lengths[path] = _length_cache[key]
-    return lengths
-
-
-# ---------------------------------------------------------------------------
-# Reading one file
-# ---------------------------------------------------------------------------
-
-
-def _one_line(e):
-    text = " ".join(str(e).split()) or type(e).__name__
-    return text[:200]
-
-
-def _open_array(path):
-    """A lazily readable array ([T x ...]) from .npy or .pt, without loading every frame."""
-    if path.suffix.lower() == ".npy":
-        return np.load(path, mmap_mode="r", allow_pickle=False)
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError:  # files in the legacy (non-zip) format cannot be memory-mapped
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(data, torch.Tensor):
-        raise ValueError(f"it holds a {type(data).__name__}, not a tensor")
-    return data
-
-
-def _layout(shape, dtype, path):
-    """How to turn a stored array into [T x H x W x 3]: 'thwc', 'tchw' or 'thw'; DatasetError if neither."""
-    expected = f"expected a uint8 video of shape [T x H x W x 3], got {dtype} with shape {tuple(shape)}"
-    if dtype not in (np.uint8, torch.uint8):
-        raise DatasetError(f"Bad video file {path}: {expected}.")
-    if len(shape) == 3 and min(shape) > 0:
-        return "thw"
-    if len(shape) == 4 and min(shape) > 0:
-        if shape[3] in (1, 3):
-            return "thwc"
-        if shape[1] in (1, 3):
-            return "tchw"
-    raise DatasetError(f"Bad video file {path}: {expected}.")
-
-
-def _to_thwc(frames, layout):
-    frames = np.array(frames)  # a copy: detaches memory-mapped frames from the file
-    if layout == "thw":
-        frames = frames[..., None]
-    elif layout == "tchw":
-        frames = frames.transpose(0, 2, 3, 1)
-    if frames.shape[-1] == 1:
-        frames = np.repeat(frames, 3, axis=-1)
-    return np.ascontiguousarray(frames)
-
-
-def video_length(path):
-    """Number of frames in a video file, read as cheaply as the format allows."""
-    path = Path(path)
-    suffix = path.suffix.lower()
-    try:
-        if suffix in (".npy", ".pt"):
-            array = _open_array(path)
-            _layout(array.shape, array.dtype, path)
-            return int(array.shape[0])
-        if suffix == ".gif":
-            from PIL import Image
-
-            with Image.open(path) as image:
-                return int(getattr(image, "n_frames", 1))
-        import imageio_ffmpeg
-
-        return int(imageio_ffmpeg.count_frames_and_secs(str(path))[0])
-    except DatasetError:
-        raise
-    except Exception as e:
-        raise DatasetError(f"Could not read video file {path} ({_one_line(e)}).") from e
-
-
-def read_video(path, T, rng=None, known_length=None, start=None):
-    """
-    uint8 [T x H x W x 3] frames of one file: a window starting at a position drawn
-    from rng, or the first T frames if rng is None; or, if given, at frame `start`.
-    """
-    path = Path(path)
-    suffix = path.suffix.lower()
-    try:
-        if suffix in (".npy", ".pt"):
-            array = _open_array(path)
-            layout = _layout(array.shape, array.dtype, path)
-            start = _window_start(len(array), T, rng, path, start)
-            window = array[start : start + T]
-            return _to_thwc(window.numpy() if isinstance(window, torch.Tensor) else window, layout)
-        length = known_length if known_length is not None else video_length(path)
-        start = _window_start(length, T, rng, path, start)
-        frames = _read_gif(path, start, T) if suffix == ".gif" else _read_ffmpeg(path, start, T)
-        if len(frames) < T:
-            raise DatasetError(f"Video file {path} ended after {start + len(frames)} frames, fewer than expected.")
-        return frames
-    except DatasetError:
-        raise
-    except Exception as e:
-        raise DatasetError(f"Could not read video file {path} ({_one_line(e)}).") from e
-
-
-def _window_start(length, T, rng, path, start=None):
-    if length < T:
-        raise DatasetError(f"Video file {path} has {length} frames, fewer than T={T}.")
-    if start is not None:
-        if not 0 <= start <= length - T:
-            raise DatasetError(f"A window of T={T} frames from frame {start} does not fit in video file {path} ({length} frames).")
-        return int(start)
-    return 0 if rng is None else int(rng.integers(0, length - T + 1))
-
-
-def _read_gif(path, start, T):
-    from PIL import Image, ImageSequence
-
-    with Image.open(path) as image:
-        frames = [np.asarray(frame.convert("RGB")) for i, frame in enumerate(ImageSequence.Iterator(image)) if i < start + T]
-    return np.stack(frames[start : start + T]) if len(frames) > start else np.zeros((0, 1, 1, 3), np.uint8)
-
-
-def _read_ffmpeg(path, start, T):
-    import imageio_ffmpeg
-
-    reader = imageio_ffmpeg.read_frames(str(path), pix_fmt="rgb24")
-    try:
-        meta = next(reader)
-        width, height = meta["size"]
-        frames = []
-        for i, buffer in enumerate(reader):
-            if i >= start:
-                frames.append(np.frombuffer(buffer, dtype=np.uint8).reshape(height, width, 3))
-            if len(frames) == T:
-                break
-    finally:
-        reader.close()
-    return np.stack(frames) if frames else np.zeros((0, height, width, 3), np.uint8)
-
-
-# ---------------------------------------------------------------------------
-# Local copies (DATA_ROOT) and conversion to model inputs
-# ---------------------------------------------------------------------------
-
-
-def cached_copy(path, source_root):
-    """
-    The path to read `path` from: itself, or, if DATA_ROOT is set, a copy under it
-    made on first access (atomically, so concurrent ranks never see half a file).
-    """
-    cache_root = os.environ.get("DATA_ROOT", "")
-    if not cache_root:
-        return path
-    source_root = Path(source_root).resolve()
-    path = Path(path).resolve()
-    tag = hashlib.md5(str(source_root).encode()).hexdigest()[:8]
-    target = Path(cache_root) / f"{source_root.name}-{tag}" / path.relative_to(source_root)
-    size = path.stat().st_size
-    if target.exists() and target.stat().st_size == size:
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    part = target.with_name(target.name + f".{os.getpid()}.part")
-    shutil.copyfile(path, part)
-    os.replace(part, target)
-    return target
-
-
-def to_model_range(frames, image_size):
-    """
-    uint8 [T x H x W x 3] -> float32 [T x 3 x S x S] in [-1, 1]: `pixels.from_uint8`, then
-    resize so the shorter side is S (area averaging when shrinking), then crop the centre.
-    Both resizings average neighbouring pixels, so the result stays in [-1, 1] up to round-off.
-    """
-    x = from_uint8(torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2))
-    height, width = x.shape[-2:]
-    if (height, width) != (image_size, image_size):
-        scale = image_size / min(height, width)
-        size = (max(image_size, round(height * scale)), max(image_size, round(width * scale)))
-        if scale < 1:
-            x = F.interpolate(x, size=size, mode="area")
-        else:
-            x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
-        top, left = (size[0] - image_size) // 2, (size[1] - image_size) // 2
-        x = x[:, :, top : top + image_size, left : left + image_size]
-    return x.clamp(-1, 1).contiguous()
-
-
-# ---------------------------------------------------------------------------
-# Training batches
-# ---------------------------------------------------------------------------
-
-
-def shard_indices(num_videos, rank=0, world_size=1):
-    """Videos of one rank: every world_size-th, so shards are disjoint and cover the dataset."""
-    return np.arange(rank, num_videos, world_size)
-
-
-def batch_plan(num_in_shard, batch_size, seed, step, rank=0):
-    """
-    Positions in the shard and per-video generators for training step `step`.
-
-    The shard is visited in a fresh random order every epoch (an epoch's order is a
-    function of seed, rank and epoch number), so each video is seen once per
-    epoch; nothing depends on earlier steps.
-    """
-    positions = step * batch_size + np.arange(batch_size)
-    epochs = positions // num_in_shard
-    chosen = np.empty(batch_size, dtype=np.int64)
-    for epoch in np.unique(epochs):
-        order = np.random.default_rng([seed, rank, int(epoch), 0x5EED]).permutation(num_in_shard)
-        mask = epochs == epoch
-        chosen[mask] = order[positions[mask] % num_in_shard]
-    rngs = [np.random.default_rng(s) for s in np.random.SeedSequence([seed, rank, step]).spawn(batch_size)]
-    return chosen, rngs
-
-
-def read_batch(dataset, shard, batch_size, seed, rank, step, pool=None, with_actions=False):
-    """The batch of training step `step` (see train_batches); pool: a thread pool to read its videos in."""
-    positions, rngs = batch_plan(len(shard), batch_size, seed, step, rank)
-    indices = [int(shard[p]) for p in positions]
-    read = dataset.video_and_actions if with_actions else dataset.video
-    clips = [read(i, r) for i, r in zip(indices, rngs)] if pool is None else list(pool.map(read, indices, rngs))
-    if not with_actions:
-        return torch.stack(clips)
-    videos, actions = zip(*clips)
-    return torch.stack(videos), None if actions[0] is None else torch.stack(actions)
-
-
-class _Prefetcher:
-    """
-    One background thread that reads the batches of steps start, start + 1, ... in order, at most
-    `depth` of them ahead of the consumer, so reading overlaps training. Each batch is a function
-    of its step only, so the stream is the same whatever the threads' timing.
-    """
-
-    def __init__(self, make_batch, start_step, depth, num_workers):
-        self._queue = queue.SimpleQueue()
-        self._room = threading.Semaphore(depth)  # batches that may be read before the consumer takes one
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(make_batch, start_step, num_workers),
-                                        name="train_batches-prefetch", daemon=True)
-        self._thread.start()
-
-    def _run(self, make_batch, step, num_workers):
-        pool = ThreadPoolExecutor(num_workers, thread_name_prefix="train_batches-read") if num_workers > 0 else None
-        try:
-            while True:
-                while not self._room.acquire(timeout=0.1):  # wakes up now and then to see a close
-                    if self._stop.is_set():
-                        return
-                if self._stop.is_set():
-                    return
-                try:
-                    self._queue.put((True, make_batch(step, pool)))
-                except BaseException as e:  # noqa: BLE001 - handed to the consumer, which raises it
-                    self._queue.put((False, e))
-                    return
-                step += 1
-        finally:
-            if pool is not None:
-                pool.shutdown(wait=True, cancel_futures=True)
-
-    def get(self):
-        ok, value = self._queue.get()
-        self._room.release()
-        if not ok:
-            raise value
-        return value
-
-    def close(self):
-        """Stop reading ahead and wait for the thread (at most the batch it is reading)."""
-        self._stop.set()
-        self._thread.join()
-
-
-def train_batches(dataset, batch_size, seed, rank=0, world_size=1, start_step=0, num_workers=0, with_actions=False,
-                  prefetch=2):
-    """
-    Endless float32 [B x T x C x H x W] training batches from this rank's shard.
-
-    The batch at step s depends only on (dataset, batch_size, seed, s, rank,
-    world_size), so resuming at start_step reproduces exactly the batches an
-    uninterrupted run would have seen. num_workers > 0 reads the videos of a
-    batch in that many threads (same batches, just faster for files); prefetch > 0
-    reads that many batches ahead in a background thread (same batches, read while the
-    model trains), which stops when the generator is closed or collected.
-    with_actions=True yields (videos, actions) pairs instead: the same videos, and their
-    float32 [B x T x action_dim] actions (None for a dataset without actions).
-    """
-    shard = shard_indices(len(dataset), rank, world_size)
-    if len(shard) == 0:
-        raise DatasetError(
-            f"Dataset {dataset.name!r} has {len(dataset)} {dataset.split} videos, too few to give each of {world_size} ranks one."
-        )
-    make_batch = functools.partial(read_batch, dataset, shard, batch_size, seed, rank, with_actions=with_actions)
-    if prefetch > 0:
-        prefetcher = _Prefetcher(make_batch, start_step, prefetch, num_workers)
-        try:
-            while True:
-                yield prefetcher.get()
-        finally:
-            prefetcher.close()
-        return
-    pool = ThreadPoolExecutor(num_workers) if num_workers > 0 else None
-    step = start_step
-    try:
-        while True:
-            yield make_batch(step, pool)
-            step += 1
-    finally:
-        if pool is not None:
-            pool.shutdown(wait=False)

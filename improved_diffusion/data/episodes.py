@@ -39,7 +39,8 @@ import numpy as np
 
 from ..errors import DatasetError
 from .actions import ActionEncoding
-from .datasets import FileDataset, _natural_key, _one_line, _read_ffmpeg, cached_copy
+from .sources import FileDataset
+from .video_reader import cached_copy, natural_key, one_line, read_ffmpeg
 
 NUM_ACTIONS = {"dmlab": 3, "minecraft": 4}  # DF: np.eye(3), np.eye(4)
 SPLIT_FOLDERS = {"train": ("train", "training"), "test": ("test", "validation")}  # TECO's names, then DF's
@@ -59,7 +60,7 @@ def episode_files(split_dir):
         p for p in split_dir.rglob("*.npz")
         if not any(part.startswith(".") for part in p.relative_to(split_dir).parts)
     ]
-    return sorted(found, key=lambda p: _natural_key(p.relative_to(split_dir)))
+    return sorted(found, key=lambda p: natural_key(p.relative_to(split_dir)))
 
 
 def episode_dataset(name, folder, split, T, image_size, source_root, skip_bad, frame_skip, download):
@@ -124,9 +125,9 @@ class EpisodeDataset(FileDataset):
             raise DatasetError(f"Episode {source} has no video {source.with_suffix('.mp4').name} beside it.")
         mp4 = cached_copy(source.with_suffix(".mp4"), self.source_root)
         try:
-            frames = _read_ffmpeg(mp4, start, span)
+            frames = read_ffmpeg(mp4, start, span)
         except Exception as e:
-            raise DatasetError(f"Could not read video file {mp4} ({_one_line(e)}).") from e
+            raise DatasetError(f"Could not read video file {mp4} ({one_line(e)}).") from e
         if len(frames) < span:
             raise DatasetError(
                 f"Video file {mp4} ended after {start + len(frames)} frames, but its actions file {source.name} has "
@@ -160,4 +161,4 @@ def _npz_array(path, key):
     except KeyError:
         raise DatasetError(f"Episode file {path} has no {key!r} array.") from None
     except Exception as e:
-        raise DatasetError(f"Could not read episode file {path} ({_one_line(e)}).") from e
+        raise DatasetError(f"Could not read episode file {path} ({one_line(e)}).") from e

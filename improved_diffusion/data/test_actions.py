@@ -5,15 +5,10 @@ import pytest
 import torch
 
 from improved_diffusion.data.actions import ActionEncoding, actions_path
-from improved_diffusion.data.datasets import (
-    DatasetError,
-    default_T,
-    get_dataset,
-    test_actions,
-    test_video,
-    train_batches,
-)
+from improved_diffusion.data.batches import train_batches
+from improved_diffusion.data.datasets import default_T, get_dataset, test_actions, test_video
 from improved_diffusion.data.test_datasets import numbered_video, write_mp4
+from improved_diffusion.errors import DatasetError
 
 
 def one_sentence(error):

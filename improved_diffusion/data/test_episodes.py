@@ -11,9 +11,12 @@ import numpy as np
 import pytest
 import torch
 
-from improved_diffusion.data.datasets import DatasetError, default_T, get_dataset, train_batches
+from improved_diffusion.data.batches import train_batches
+from improved_diffusion.data.datasets import default_T, get_dataset
 from improved_diffusion.data.episodes import NUM_ACTIONS
 from improved_diffusion.data.test_datasets import write_mp4
+from improved_diffusion.errors import DatasetError
+from improved_diffusion.evaluation.ground_truth import GroundTruth
 
 REPO = Path(__file__).resolve().parents[2]
 SIZE = 16
@@ -347,8 +350,6 @@ def test_download_script_resumes(tmp_path):
 @pytest.mark.parametrize("frame_skip", [1, 2])
 def test_ground_truth_reads_the_runs_frame_skip(tmp_path, frame_skip):
     """Evaluation compares samples with the frames the model saw: every frame_skip-th, actions alike."""
-    from improved_diffusion.evaluation.ground_truth import GroundTruth
-
     stored = make_dmlab(tmp_path, {"train": 1, "test": 2}, length=21)
     config = {"dataset": "dmlab", "image_size": SIZE, "n_obs": 2, "frame_skip": frame_skip}
     truth = GroundTruth(config, data_root=tmp_path)

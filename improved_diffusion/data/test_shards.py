@@ -1,4 +1,4 @@
-"""Shard caches (shards.py): bit-exact round trips against decoding, resuming, corruption, MPI ranks."""
+"""Shard caches (shard_writer.py writes, shard_cache.py reads): bit-exact round trips against decoding, resuming, corruption, MPI ranks."""
 
 import json
 import threading
@@ -7,19 +7,15 @@ import numpy as np
 import pytest
 import torch
 
-from improved_diffusion.data import shards
-from improved_diffusion.data.datasets import (
-    DatasetError,
-    DatasetWarning,
-    default_image_size,
-    default_T,
-    get_dataset,
-    to_model_range,
-    train_batches,
-)
+from improved_diffusion.data import shard_writer
+from improved_diffusion.data.batches import train_batches
+from improved_diffusion.data.datasets import default_image_size, default_T, get_dataset
 from improved_diffusion.data.pixels import to_uint8
+from improved_diffusion.data.sources import DatasetWarning
 from improved_diffusion.data.test_datasets import write_mp4
 from improved_diffusion.data.test_episodes import make_dmlab
+from improved_diffusion.data.video_reader import to_model_range
+from improved_diffusion.errors import DatasetError
 
 SEEDS = range(5)  # generators per video: several windows each
 
@@ -70,7 +66,7 @@ def make_mp4_folder(folder, with_actions):
 @pytest.mark.parametrize("with_actions", [False, True], ids=["frames", "actions"])
 def test_mp4_folder_round_trip_is_bit_exact(tmp_path, with_actions):
     folder = make_mp4_folder(tmp_path / "videos", with_actions)
-    summary = shards.write_cache(folder, tmp_path / "cache", T=4, image_size=16, shard_size=2)
+    summary = shard_writer.write_cache(folder, tmp_path / "cache", T=4, image_size=16, shard_size=2)
     assert summary["train"] == {"videos": 5, "frames": 6 + 7 + 8 + 9 + 6, "written": 3, "kept": 0}
     for split in ("train", "test"):
         source = get_dataset(str(folder), split=split, T=4, image_size=16)
@@ -87,7 +83,7 @@ def test_mp4_folder_round_trip_is_bit_exact(tmp_path, with_actions):
 @pytest.mark.parametrize("name", ["bouncing_balls", "bouncing_balls_actions", "cue_recall"])
 def test_procedural_round_trip_is_bit_exact(tmp_path, name):
     size = 8 if name != "cue_recall" else default_image_size(name)
-    shards.write_cache(name, tmp_path / "cache", T=5, image_size=size, shard_size=3, max_videos=4)
+    shard_writer.write_cache(name, tmp_path / "cache", T=5, image_size=size, shard_size=3, max_videos=4)
     for split in ("train", "test"):
         source = get_dataset(name, split=split, T=5, image_size=size)
         source.num_videos = 4  # the cache holds the first 4
@@ -106,7 +102,7 @@ def test_procedural_round_trip_is_bit_exact(tmp_path, name):
 @pytest.mark.parametrize("frame_skip", [1, 2, 3])
 def test_episode_cache_keeps_raw_frames_for_any_frame_skip(tmp_path, frame_skip):
     make_dmlab(tmp_path / "data", {"train": 3, "test": 1}, length=20)
-    shards.write_cache("dmlab", tmp_path / "cache", T=4, image_size=16, frame_skip=2, data_root=tmp_path / "data")
+    shard_writer.write_cache("dmlab", tmp_path / "cache", T=4, image_size=16, frame_skip=2, data_root=tmp_path / "data")
     cache_dir = str(tmp_path / "cache")
     assert default_T(cache_dir, 2) == 4 and default_T(cache_dir, 1) == 8 and default_image_size(cache_dir) == 16
     source = get_dataset("dmlab", T=4, image_size=16, data_root=tmp_path / "data", frame_skip=frame_skip)
@@ -121,7 +117,7 @@ def test_resized_frames_are_the_decoded_ones_rounded(tmp_path):
     rng = np.random.default_rng(3)
     for i in range(4):
         np.save(tmp_path / "videos" / f"{i}.npy", rng.integers(0, 256, (7 + i, 12, 20, 3), dtype=np.uint8))
-    shards.write_cache(tmp_path / "videos", tmp_path / "cache", splits=("train",), T=5, image_size=8)
+    shard_writer.write_cache(tmp_path / "videos", tmp_path / "cache", splits=("train",), T=5, image_size=8)
     source = get_dataset(str(tmp_path / "videos"), T=5, image_size=8)
     cache = get_dataset(str(tmp_path / "cache"))
     for i in range(len(source)):
@@ -137,7 +133,7 @@ def test_folder_cache_leaves_out_short_videos_as_the_folder_does(tmp_path):
     (tmp_path / "videos").mkdir()
     for i, length in enumerate([4, 9, 5, 8]):
         np.save(tmp_path / "videos" / f"{i}.npy", np.full((length, 8, 8, 3), i, np.uint8))
-    shards.write_cache(tmp_path / "videos", tmp_path / "cache", splits=("train",), image_size=8)
+    shard_writer.write_cache(tmp_path / "videos", tmp_path / "cache", splits=("train",), image_size=8)
     assert default_T(str(tmp_path / "cache")) == 4
     with pytest.warns(DatasetWarning, match="shorter than T=6"):
         cache = get_dataset(str(tmp_path / "cache"), T=6)
@@ -166,13 +162,13 @@ def test_rerun_after_interruption_gives_the_same_bytes(tmp_path, monkeypatch):
     videos = cache_folder_of_npy(tmp_path)
     out = tmp_path / "cache"
     options = {"splits": ("train",), "T": 4, "image_size": 8, "shard_size": 2}
-    assert shards.write_cache(videos, out, **options)["train"]["written"] == 3
+    assert shard_writer.write_cache(videos, out, **options)["train"]["written"] == 3
     clean = snapshot(out)
-    assert shards.write_cache(videos, out, **options)["train"] == {"videos": 5, "frames": 40, "written": 0, "kept": 3}
+    assert shard_writer.write_cache(videos, out, **options)["train"] == {"videos": 5, "frames": 40, "written": 0, "kept": 3}
     assert snapshot(out) == clean
 
     (out / "index.json").unlink()  # interrupted before the index was written
-    assert shards.write_cache(videos, out, **options)["train"]["written"] == 0
+    assert shard_writer.write_cache(videos, out, **options)["train"]["written"] == 0
     assert snapshot(out) == clean
 
     (out / "train" / "shard_00001.npy").unlink()
@@ -180,11 +176,11 @@ def test_rerun_after_interruption_gives_the_same_bytes(tmp_path, monkeypatch):
     data = bytearray((out / "train" / "shard_00000.npy").read_bytes())
     data[-1] ^= 0xFF  # same size, wrong content: the checksum catches it
     (out / "train" / "shard_00000.npy").write_bytes(bytes(data))
-    assert shards.write_cache(videos, out, **options)["train"]["written"] == 2
+    assert shard_writer.write_cache(videos, out, **options)["train"]["written"] == 2
     assert snapshot(out) == clean
 
     # Killed while writing the second shard: the index says so until a rerun finishes the job.
-    real_write, calls = shards._write_shard, []
+    real_write, calls = shard_writer._write_shard, []
 
     def dies_on_second(*args):
         calls.append(1)
@@ -193,13 +189,13 @@ def test_rerun_after_interruption_gives_the_same_bytes(tmp_path, monkeypatch):
         return real_write(*args)
 
     fresh = tmp_path / "fresh"
-    monkeypatch.setattr(shards, "_write_shard", dies_on_second)
+    monkeypatch.setattr(shard_writer, "_write_shard", dies_on_second)
     with pytest.raises(KeyboardInterrupt):
-        shards.write_cache(videos, fresh, **options)
+        shard_writer.write_cache(videos, fresh, **options)
     with pytest.raises(DatasetError, match=r"incomplete.*rerun scripts/cache_dataset.py"):
         get_dataset(str(fresh))
-    monkeypatch.setattr(shards, "_write_shard", real_write)
-    assert shards.write_cache(videos, fresh, **options)["train"] == {"videos": 5, "frames": 40, "written": 2, "kept": 1}
+    monkeypatch.setattr(shard_writer, "_write_shard", real_write)
+    assert shard_writer.write_cache(videos, fresh, **options)["train"] == {"videos": 5, "frames": 40, "written": 2, "kept": 1}
     assert snapshot(fresh) == clean
 
 
@@ -207,12 +203,12 @@ def test_ranks_split_the_shards(tmp_path):
     """Two ranks (threads with a real barrier) write alternate shards; the cache is the one-process cache."""
     videos = cache_folder_of_npy(tmp_path)
     options = {"T": 4, "image_size": 8, "shard_size": 1, "splits": ("train",)}
-    shards.write_cache(videos, tmp_path / "one", **options)
+    shard_writer.write_cache(videos, tmp_path / "one", **options)
     barrier, results, errors = threading.Barrier(2, timeout=60), {}, []
 
     def rank(r):
         try:
-            results[r] = shards.write_cache(videos, tmp_path / "two", rank=r, world_size=2, barrier=barrier.wait, **options)
+            results[r] = shard_writer.write_cache(videos, tmp_path / "two", rank=r, world_size=2, barrier=barrier.wait, **options)
         except BaseException as e:  # noqa: BLE001 - reported below
             errors.append(e)
             barrier.abort()
@@ -229,11 +225,11 @@ def test_ranks_split_the_shards(tmp_path):
 
 def test_rerun_with_other_settings_is_refused(tmp_path):
     videos = cache_folder_of_npy(tmp_path, count=3)
-    shards.write_cache(videos, tmp_path / "cache", splits=("train",), T=4, image_size=8)
+    shard_writer.write_cache(videos, tmp_path / "cache", splits=("train",), T=4, image_size=8)
     with pytest.raises(DatasetError, match=r"other settings: T 4 \(now 5\).*another --out"):
-        shards.write_cache(videos, tmp_path / "cache", splits=("train",), T=5, image_size=8)
+        shard_writer.write_cache(videos, tmp_path / "cache", splits=("train",), T=5, image_size=8)
     with pytest.raises(DatasetError, match="already a cache"):
-        shards.write_cache(tmp_path / "cache", tmp_path / "again")
+        shard_writer.write_cache(tmp_path / "cache", tmp_path / "again")
     with pytest.raises(DatasetError, match="no test split"):
         get_dataset(str(tmp_path / "cache"), split="test")
     with pytest.raises(DatasetError, match="frame_skip 2 is not supported"):
@@ -259,7 +255,7 @@ def one_sentence_naming(error, path):
     ("actions", "is truncated"),
 ])
 def test_corrupt_shard_is_named(tmp_path, damage, problem):
-    shards.write_cache("bouncing_balls_actions", tmp_path / "cache", splits=("train",), T=4, image_size=8,
+    shard_writer.write_cache("bouncing_balls_actions", tmp_path / "cache", splits=("train",), T=4, image_size=8,
                        shard_size=2, max_videos=4)
     path = tmp_path / "cache" / "train" / ("shard_00001.actions.npy" if damage == "actions" else "shard_00001.npy")
     data = path.read_bytes()
@@ -272,14 +268,14 @@ def test_corrupt_shard_is_named(tmp_path, damage, problem):
         get_dataset(str(tmp_path / "cache"))
     one_sentence_naming(error, path)
     # The fix the message names: a rerun rewrites that shard.
-    summary = shards.write_cache("bouncing_balls_actions", tmp_path / "cache", splits=("train",), T=4, image_size=8,
+    summary = shard_writer.write_cache("bouncing_balls_actions", tmp_path / "cache", splits=("train",), T=4, image_size=8,
                                  shard_size=2, max_videos=4)
     assert (summary["train"]["written"], summary["train"]["kept"]) == (1, 1)
     assert len(get_dataset(str(tmp_path / "cache"))) == 4
 
 
 def test_index_that_disagrees_with_its_shards_is_named(tmp_path):
-    shards.write_cache(cache_folder_of_npy(tmp_path, count=3), tmp_path / "cache", splits=("train",), T=4, image_size=8)
+    shard_writer.write_cache(cache_folder_of_npy(tmp_path, count=3), tmp_path / "cache", splits=("train",), T=4, image_size=8)
     index_path = tmp_path / "cache" / "index.json"
     good = index_path.read_text()
 
@@ -305,7 +301,7 @@ def test_index_that_disagrees_with_its_shards_is_named(tmp_path):
 
 def test_shards_without_an_index_are_not_videos(tmp_path):
     out = tmp_path / "cache"
-    shards.write_cache(cache_folder_of_npy(tmp_path, count=2), out, splits=("train",), T=4, image_size=8)
+    shard_writer.write_cache(cache_folder_of_npy(tmp_path, count=2), out, splits=("train",), T=4, image_size=8)
     with pytest.raises(DatasetError, match="holds cache shards but no index.json"):
         get_dataset(str(out / "train"))
     (out / "index.json").unlink()
@@ -318,4 +314,4 @@ def test_a_users_own_index_json_is_not_a_cache(tmp_path):
     (videos / "index.json").write_text(json.dumps({"videos": ["0.npy", "1.npy"]}))
     assert len(get_dataset(str(videos), T=4)) == 2
     with pytest.raises(DatasetError, match="not a cache's"):
-        shards.write_cache(tmp_path / "videos", videos, T=4)
+        shard_writer.write_cache(tmp_path / "videos", videos, T=4)

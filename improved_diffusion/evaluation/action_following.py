@@ -26,7 +26,7 @@ import numpy as np
 
 from ..data.bouncing_balls import DEFAULT_RADIUS
 from ..data.bouncing_balls_actions import CONTROLLED_COLOUR, DOWN, LEFT, NONE, NUM_ACTIONS, RIGHT, UP, step_pixels
-from .metrics import to_pixel_scale
+from ..data.pixels import to_pixel_scale
 
 DATASET = "bouncing_balls_actions"  # the dataset whose videos this metric reads
 COLOUR_TOLERANCE = 48.0  # largest channel difference from white, in 0..255

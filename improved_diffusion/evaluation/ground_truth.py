@@ -9,8 +9,9 @@ ones the model saw. Evaluation and video_make_mp4.py both read the ground truth 
 
 import copy
 
-from ..data.datasets import cached_copy, get_dataset, video_length
+from ..data.datasets import get_dataset
 from ..data.pixels import to_uint8
+from ..data.video_reader import cached_copy, video_length
 from ..errors import DatasetError, EvalError
 
 

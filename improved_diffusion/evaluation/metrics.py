@@ -18,16 +18,13 @@ Sources for the formulas:
 import numpy as np
 import torch
 
-from ..data.pixels import to_uint8
+from ..data.pixels import check_float_frames, to_numpy, to_pixel_scale, to_uint8
 
 SSIM_WINDOW = 11
 SSIM_SIGMA = 1.5
 SSIM_K1 = 0.01
 SSIM_K2 = 0.03
 DATA_RANGE = 255.0
-
-# How far outside [-1, 1] a float frame may stray (rounding) before we refuse it.
-_FLOAT_RANGE_TOLERANCE = 1e-3
 
 
 class MetricUnavailable(RuntimeError):
@@ -39,40 +36,12 @@ class MetricUnavailable(RuntimeError):
 # ---------------------------------------------------------------------------
 
 
-def _to_numpy(x):
-    if isinstance(x, torch.Tensor):
-        return x.detach().cpu().numpy()
-    return np.asarray(x)
-
-
 def _is_uint8(x):
     return x.dtype == np.uint8
 
 
-def to_pixel_scale(x):
-    """Frames as float64 in [0, 255]: uint8 as is, float [-1, 1] mapped linearly.
-
-    Float frames are not quantised, so a float frame and its uint8 rounding differ
-    by at most half a grey level.
-    """
-    x = _to_numpy(x)
-    if _is_uint8(x):
-        return x.astype(np.float64)
-    _check_float_frames(x)
-    return (x.astype(np.float64) + 1.0) * (DATA_RANGE / 2.0)
-
-
-def _check_float_frames(x):
-    if not np.issubdtype(x.dtype, np.floating):
-        raise ValueError(f"Frames must be uint8 in [0, 255] or float in [-1, 1], got dtype {x.dtype}.")
-    if x.size and (x.min() < -1 - _FLOAT_RANGE_TOLERANCE or x.max() > 1 + _FLOAT_RANGE_TOLERANCE):
-        raise ValueError(
-            f"Float frames must lie in [-1, 1] (got [{x.min():.3g}, {x.max():.3g}]); clip them or pass uint8."
-        )
-
-
 def _pair_to_pixel_scale(a, b):
-    a, b = _to_numpy(a), _to_numpy(b)
+    a, b = to_numpy(a), to_numpy(b)
     if _is_uint8(a) != _is_uint8(b):
         raise ValueError(f"Both inputs must be the same kind (uint8 or float), got {a.dtype} and {b.dtype}.")
     if a.shape != b.shape:
@@ -210,8 +179,8 @@ def frechet_distance(features_a, features_b):
     suffice (no scipy) and singular covariances (N <= D) stay finite. Tiny negative
     eigenvalues from round-off are clipped to zero, as is a tiny negative result.
     """
-    a = np.asarray(_to_numpy(features_a), dtype=np.float64)
-    b = np.asarray(_to_numpy(features_b), dtype=np.float64)
+    a = np.asarray(to_numpy(features_a), dtype=np.float64)
+    b = np.asarray(to_numpy(features_b), dtype=np.float64)
     if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1]:
         raise ValueError(f"Features must be two N x D arrays with the same D, got {a.shape} and {b.shape}.")
     if len(a) < 2 or len(b) < 2:
@@ -237,11 +206,11 @@ def load_i3d(path, device="cpu"):
 
 def _videos_to_uint8(videos):
     """Videos [B x T x C x H x W] as a uint8 tensor in [0, 255], float ones rounded as samples are saved."""
-    x = _to_numpy(videos)
+    x = to_numpy(videos)
     if x.ndim != 5:
         raise ValueError(f"Videos must have shape [B x T x C x H x W], got {x.shape}.")
     if not _is_uint8(x):
-        _check_float_frames(x)
+        check_float_frames(x)
         x = to_uint8(x)
     return torch.from_numpy(np.ascontiguousarray(x))
 

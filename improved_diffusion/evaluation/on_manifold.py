@@ -71,7 +71,7 @@ from scipy import ndimage
 
 from ..data import bouncing_balls as bb
 from ..data import cue_recall as cue
-from .metrics import to_pixel_scale
+from ..data.pixels import to_pixel_scale
 
 DATASETS = ("bouncing_balls", "cue_recall")
 

@@ -9,9 +9,11 @@ import torch
 
 from improved_diffusion.errors import CheckpointError, ConfigError, DatasetError
 from improved_diffusion.evaluation import carla_coords as cc
+from improved_diffusion.evaluation import carla_regressor as cr
+from improved_diffusion.evaluation import carla_training as ct
 from improved_diffusion.evaluation import evaluate
 
-TINY = cc.CoordinateModelConfig(layers=(1, 1, 1, 1), width=4)
+TINY = cr.CoordinateModelConfig(layers=(1, 1, 1, 1), width=4)
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "carla_regressor_train.py"
 
 
@@ -20,7 +22,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def tiny_models(seed=0):
     torch.manual_seed(seed)
-    return cc.build_model("classifier", TINY).eval(), cc.build_model("regressor", TINY).eval()
+    return cr.build_model("classifier", TINY).eval(), cr.build_model("regressor", TINY).eval()
 
 
 def fdm_get_cell(coord):
@@ -39,21 +41,21 @@ def test_cells_match_fdm_histogram():
     coords = rng.uniform(-10, 400, size=(300, 3))
     coords[:3, :2] = [[-10, -10], [400, 400], [31, 390.5]]  # edges of the range
     expected = [fdm_get_cell(c) for c in coords]
-    np.testing.assert_array_equal(cc.coords_to_cells(coords), expected)
+    np.testing.assert_array_equal(cr.coords_to_cells(coords), expected)
     # Outside Town01's range (FDM would fail) we clip to the nearest edge cell.
-    np.testing.assert_array_equal(cc.coords_to_cells([[-50, 500], [1000, 0]]), [9, 90])
+    np.testing.assert_array_equal(cr.coords_to_cells([[-50, 500], [1000, 0]]), [9, 90])
 
 
 def test_resnet152_matches_torchvision_layout():
-    model = cc.build_model("classifier")
+    model = cr.build_model("classifier")
     # torchvision's resnet152 has 60,192,808 parameters with its 1000-way fc.
-    assert sum(p.numel() for p in cc.ResNet().parameters()) == 60_192_808
+    assert sum(p.numel() for p in cr.ResNet().parameters()) == 60_192_808
     keys = model.state_dict().keys()
     for key in ["conv1.weight", "bn1.running_var", "layer1.0.downsample.0.weight", "layer3.35.bn3.bias",
                 "layer4.2.conv3.weight", "fc.weight"]:
         assert key in keys
     assert model.fc.weight.shape == (100, 2048)
-    regressor_keys = cc.build_model("regressor", TINY).state_dict().keys()
+    regressor_keys = cr.build_model("regressor", TINY).state_dict().keys()
     assert "resnet.layer2.0.downsample.1.running_mean" in regressor_keys
     assert "regressors.99.bias" in regressor_keys and "resnet.fc.weight" not in regressor_keys
 
@@ -63,14 +65,14 @@ def test_predict_coords_uses_classifier_cell_heads():
     frames = np.random.default_rng(1).integers(0, 256, size=(7, 3, 32, 32), dtype=np.uint8)
     coords = cc.predict_coords(frames, classifier, regressor, batch_size=3)
     assert coords.shape == (7, 2)
-    x = cc.preprocess_frames(frames)
+    x = cr.preprocess_frames(frames)
     with torch.no_grad():
         cells = classifier(x).argmax(dim=1)
         emb = regressor.resnet(x)
         expected = torch.stack([regressor.regressors[c](emb[i]) for i, c in enumerate(cells)])
     np.testing.assert_allclose(coords, expected.double().numpy(), rtol=1e-5, atol=1e-5)
     # ToTensor + ImageNet Normalize, as FDM's base_data_transform; [-1, 1] floats agree with uint8.
-    mean, std = np.array(cc.IMAGENET_MEAN), np.array(cc.IMAGENET_STD)
+    mean, std = np.array(cr.IMAGENET_MEAN), np.array(cr.IMAGENET_STD)
     np.testing.assert_allclose(x.numpy(), (frames / 255.0 - mean[:, None, None]) / std[:, None, None], atol=1e-6)
     as_float = torch.from_numpy(frames).float() / 127.5 - 1
     np.testing.assert_allclose(cc.predict_coords(as_float, classifier, regressor), coords, rtol=1e-4, atol=1e-4)
@@ -83,28 +85,28 @@ def test_checkpoints_round_trip_and_errors(tmp_path):
     frames = np.random.default_rng(2).integers(0, 256, size=(4, 3, 32, 32), dtype=np.uint8)
     expected = cc.predict_coords(frames, classifier, regressor)
 
-    cc.save_model(tmp_path / "c.pt", classifier, "classifier", TINY)
-    cc.save_model(tmp_path / "r.pt", regressor, "regressor", TINY)
-    loaded = cc.load_models(tmp_path / "c.pt", tmp_path / "r.pt")
+    cr.save_model(tmp_path / "c.pt", classifier, "classifier", TINY)
+    cr.save_model(tmp_path / "r.pt", regressor, "regressor", TINY)
+    loaded = cr.load_models(tmp_path / "c.pt", tmp_path / "r.pt")
     np.testing.assert_array_equal(cc.predict_coords(frames, *loaded), expected)
 
     # Bare state dicts, as FDM released, load given their architecture.
     torch.save(regressor.state_dict(), tmp_path / "bare.pth")
-    bare = cc.load_model(tmp_path / "bare.pth", "regressor", config=TINY)
+    bare = cr.load_model(tmp_path / "bare.pth", "regressor", config=TINY)
     np.testing.assert_array_equal(cc.predict_coords(frames, loaded[0], bare), expected)
 
     with pytest.raises(CheckpointError, match="holds a classifier, not a regressor"):
-        cc.load_model(tmp_path / "c.pt", "regressor")
+        cr.load_model(tmp_path / "c.pt", "regressor")
     with pytest.raises(CheckpointError, match="does not hold weights for a regressor"):
-        cc.load_model(tmp_path / "bare.pth", "regressor", config=cc.CoordinateModelConfig(layers=(1, 1, 1, 1)))
+        cr.load_model(tmp_path / "bare.pth", "regressor", config=cr.CoordinateModelConfig(layers=(1, 1, 1, 1)))
     (tmp_path / "corrupt.pt").write_bytes(b"garbage")
     with pytest.raises(CheckpointError, match="is corrupt or not a checkpoint"):
-        cc.load_model(tmp_path / "corrupt.pt", "classifier")
+        cr.load_model(tmp_path / "corrupt.pt", "classifier")
     with pytest.raises(CheckpointError, match="does not exist"):
-        cc.load_model(tmp_path / "missing.pt", "classifier")
+        cr.load_model(tmp_path / "missing.pt", "classifier")
     torch.save([1, 2], tmp_path / "list.pt")
     with pytest.raises(CheckpointError, match="holds a list"):
-        cc.load_model(tmp_path / "list.pt", "classifier")
+        cr.load_model(tmp_path / "list.pt", "classifier")
 
 
 # ---------------------------------------------------------------------------
@@ -135,12 +137,12 @@ def test_read_split_and_batches(tmp_path):
     assert pairs[2][1].name == "coords_2.npy"
     assert cc.load_video(pairs[0][0]).shape == (6, 3, 32, 32)
     assert cc.load_coords(pairs[0][1]).shape == (6, 2)
-    batches = list(cc.frame_batches(pairs, 4, np.random.default_rng(0), videos_per_chunk=3))
+    batches = list(ct.frame_batches(pairs, 4, np.random.default_rng(0), videos_per_chunk=3))
     assert sum(len(f) for f, _ in batches) == 24  # every frame exactly once
     all_coords = np.concatenate([c for _, c in batches])
     expected = np.concatenate([cc.load_coords(p[1]) for p in pairs])
     np.testing.assert_allclose(np.sort(all_coords, axis=0), np.sort(expected, axis=0))
-    few = list(cc.frame_batches(pairs, 4, np.random.default_rng(0), frames_per_video=2))
+    few = list(ct.frame_batches(pairs, 4, np.random.default_rng(0), frames_per_video=2))
     assert sum(len(f) for f, _ in few) == 8
 
     with pytest.raises(DatasetError, match="No split file"):
@@ -155,32 +157,32 @@ def test_read_split_and_batches(tmp_path):
 def test_training_is_reproducible_and_saves(tmp_path):
     make_carla_dir(tmp_path)
     kwargs = dict(config=TINY, epochs=2, batch_size=4, seed=3, progress=False, log=lambda msg: None)
-    model, history = cc.train_coordinate_model(tmp_path, "regressor", **kwargs)
+    model, history = ct.train_coordinate_model(tmp_path, "regressor", **kwargs)
     assert [h["epoch"] for h in history] == [0, 1]
     assert all(np.isfinite(h["train_loss"]) and np.isfinite(h["test_loss"]) for h in history)
-    _, again = cc.train_coordinate_model(tmp_path, "regressor", **kwargs)
+    _, again = ct.train_coordinate_model(tmp_path, "regressor", **kwargs)
     assert again == history
     with pytest.raises(ConfigError, match="Unknown model kind"):
-        cc.train_coordinate_model(tmp_path, "detector", **kwargs)
+        ct.train_coordinate_model(tmp_path, "detector", **kwargs)
 
 
 def test_the_classifier_comes_back_with_its_best_test_weights(tmp_path):
     """The returned classifier is the epoch with the lowest test loss, in eval mode, not the last epoch."""
     make_carla_dir(tmp_path)
     kwargs = dict(config=TINY, epochs=3, batch_size=4, seed=3, lr=1e-3, progress=False, log=lambda msg: None)
-    classifier, history = cc.train_coordinate_model(tmp_path, "classifier", **kwargs)
+    classifier, history = ct.train_coordinate_model(tmp_path, "classifier", **kwargs)
     test_losses = [h["test_loss"] for h in history]
     assert int(np.argmin(test_losses)) != len(history) - 1  # else the check below could not tell best from last
-    assert not classifier.training and not isinstance(classifier, cc.MultiHeadRegressor)
+    assert not classifier.training and not isinstance(classifier, cr.MultiHeadRegressor)
     rng = np.random.default_rng([3, 2**31])  # the loop's fixed test-split order
     total = count = 0
     with torch.no_grad():
-        for frames, coords in cc.frame_batches(cc.read_split(tmp_path, "test"), 4, rng):
-            total += cc._loss(classifier, "classifier", frames, coords, "cpu").item() * len(frames)
+        for frames, coords in ct.frame_batches(cc.read_split(tmp_path, "test"), 4, rng):
+            total += ct._loss(classifier, "classifier", frames, coords, "cpu").item() * len(frames)
             count += len(frames)
     assert total / count == pytest.approx(min(test_losses), rel=1e-5)
     with pytest.raises(ConfigError, match="Unknown model kind"):
-        cc.train_coordinate_model(tmp_path, "detector", **kwargs)
+        ct.train_coordinate_model(tmp_path, "detector", **kwargs)
 
 
 def test_script_trains_and_writes_checkpoint(tmp_path):
@@ -192,8 +194,8 @@ def test_script_trains_and_writes_checkpoint(tmp_path):
     args = script.create_argparser().parse_args(["--data_dir", str(tmp_path), "--kind", "regressor", "--out", str(out),
                               "--epochs", "1", "--layers", "1", "1", "1", "1", "--width", "4", "--device", "cpu"])
     script.main(args)
-    model = cc.load_model(out, "regressor")
-    assert isinstance(model, cc.MultiHeadRegressor)
+    model = cr.load_model(out, "regressor")
+    assert isinstance(model, cr.MultiHeadRegressor)
     assert out.with_suffix(".history.json").exists()
 
 
@@ -209,8 +211,8 @@ def test_script_takes_fdms_command_line(tmp_path, monkeypatch):
                                                  "1", "--layers", "1", "1", "1", "1", "--width", "4", "--device",
                                                  "cpu"])
     script.main(args)
-    model = cc.load_model(tmp_path / "checkpoints" / "carla-regressor" / "classifier_checkpoint.pth", "classifier")
-    assert not isinstance(model, cc.MultiHeadRegressor)
+    model = cr.load_model(tmp_path / "checkpoints" / "carla-regressor" / "classifier_checkpoint.pth", "classifier")
+    assert not isinstance(model, cr.MultiHeadRegressor)
 
 
 # ---------------------------------------------------------------------------
@@ -324,8 +326,8 @@ def save_tiny_models(folder, seed=1, metres=1.0):
         for head in regressor.regressors:
             head.weight.mul_(metres)
             head.bias.mul_(metres)
-    cc.save_model(folder / "classifier.pt", classifier, "classifier", TINY)
-    cc.save_model(folder / "regressor.pt", regressor, "regressor", TINY)
+    cr.save_model(folder / "classifier.pt", classifier, "classifier", TINY)
+    cr.save_model(folder / "regressor.pt", regressor, "regressor", TINY)
     return folder / "classifier.pt", folder / "regressor.pt", classifier, regressor
 
 
