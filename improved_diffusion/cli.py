@@ -30,17 +30,26 @@ def str2bool(v):
     raise argparse.ArgumentTypeError(f"expected a boolean, got '{v}'")
 
 
-def add_dataclass_args(parser, cls, overrides=None, choices=None):
-    """One --flag per field, typed by the field's default (booleans accept true/false).
+def add_dataclass_args(parser, cls, overrides=None, choices=None, only=None, required=()):
+    """One --flag per field (or per field named in `only`), typed by the field's default; `required` must be given.
 
-    `choices` maps field names to their allowed values (argparse's `choices=`); a field's help text
-    is `field(metadata={"help": ...})`.
+    Booleans accept true/false. A field's `metadata` may give its `help`, its `choices` (argparse's
+    `choices=`, also given by the `choices` argument, a dict of field name -> values), its `type`
+    (needed when the default is None) and `store_true` (a flag without a value, as FDM's
+    --just_visualise). `overrides` maps field names to other defaults.
     """
     for field in dataclasses.fields(cls):
+        if only is not None and field.name not in only:
+            continue
+        meta = field.metadata
         default = (overrides or {}).get(field.name, field.default)
-        kind = str2bool if isinstance(default, bool) else type(default)
-        parser.add_argument(f"--{field.name}", default=default, type=kind, choices=(choices or {}).get(field.name),
-                            help=field.metadata.get("help"))
+        if meta.get("store_true"):
+            parser.add_argument(f"--{field.name}", action="store_true", help=meta.get("help"))
+            continue
+        kind = meta.get("type") or type(default)
+        kind = str2bool if kind is bool else kind
+        parser.add_argument(f"--{field.name}", default=default, type=kind, required=field.name in required,
+                            choices=(choices or {}).get(field.name, meta.get("choices")), help=meta.get("help"))
 
 
 def dataclass_from_dict(cls, values):

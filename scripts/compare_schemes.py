@@ -50,8 +50,8 @@ from improved_diffusion.errors import ConfigError  # noqa: E402
 from improved_diffusion.evaluation.compare import DEFAULT_SCHEMES, compare_runs, parse_seeds  # noqa: E402
 from improved_diffusion.evaluation.evaluate import METRICS  # noqa: E402
 from improved_diffusion.evaluation.on_manifold import TOLERANCES  # noqa: E402
-from improved_diffusion.evaluation.report import SCHEME_OVERRIDES  # noqa: E402
-from improved_diffusion.sampling.run import add_model_call_flags  # noqa: E402
+from improved_diffusion.sampling.request import SPEC_SETTINGS, SchemeRequest, add_request_flags  # noqa: E402
+from improved_diffusion.sampling.run import MODEL_CALL, SampleOptions  # noqa: E402
 
 
 def create_argparser():
@@ -61,21 +61,11 @@ def create_argparser():
                    help="one checkpoint, or several (e.g. one per training seed) to report mean ± SE across runs")
     p.add_argument("--schemes", default=DEFAULT_SCHEMES,
                    help="comma-separated sampling schemes, each a name with optional :setting=value overrides "
-                        f"({', '.join(SCHEME_OVERRIDES)})")
+                        f"({', '.join(SPEC_SETTINGS)})")
     p.add_argument("--n_videos", type=int, default=8, help="test videos 0..n_videos-1 are sampled by every scheme")
-    p.add_argument("--T", type=int, default=-1, help="length of the sampled videos (-1: the training T)")
-    p.add_argument("--n_obs", type=int, default=-1, help="given frames (-1: max_frames - max_latent_frames)")
-    p.add_argument("--max_frames", type=int, default=-1, help="frames per stage (-1: the training max_frames)")
-    p.add_argument("--max_latent_frames", type=int, default=-1, help="new frames per stage (-1: each scheme's default)")
-    p.add_argument("--timestep_respacing", default="")
-    p.add_argument("--use_ddim", type=cli.str2bool, default=None,
-                   help="default False; with --df_config, True when the DF config samples fewer levels than its steps")
-    p.add_argument("--batch_size", type=int, default=8)
-    add_model_call_flags(p)
-    p.add_argument("--guidance_scale", type=float, default=1.0,
-                   help="classifier-free guidance scale of every scheme (a conditional checkpoint; 1 = off)")
-    p.add_argument("--actions", default=None, help="T x D (or T integers) .npy file of actions driving every video")
-    p.add_argument("--uncond", type=cli.str2bool, default=False, help="sample with the null condition alone")
+    # what every scheme shares; the stage-setting flags set every scheme's value (a spec may override it)
+    add_request_flags(p, only=("T", "n_obs", "max_frames", "max_latent_frames", "timestep_respacing"))
+    cli.add_dataclass_args(p, SampleOptions, only=("batch_size", "df_config", *MODEL_CALL, "actions", "uncond"))
     p.add_argument("--seed", type=int, default=None, help="the sampling seed (default 0)")
     p.add_argument("--seeds", default=None,
                    help="comma-separated sampling seeds, e.g. 0,1: one run per checkpoint and seed (instead of --seed)")
@@ -85,18 +75,17 @@ def create_argparser():
     p.add_argument("--i3d_path", default=None, help="TorchScript I3D (StyleGAN-V's i3d_torchscript.pt), for FVD")
     p.add_argument("--out_dir", default=None,
                    help="default: results/<run>/<checkpoint>/compare_schemes (needed with several runs)")
-    p.add_argument("--df_config", default=None,
-                   help="DF's config (JSON) of a Diffusion Forcing checkpoint: its network and sampler settings")
     return p
 
 
 def main(args):
-    kwargs = vars(args).copy()
-    checkpoints, seed, seeds = kwargs.pop("checkpoint_paths"), kwargs.pop("seed"), kwargs.pop("seeds")
-    if seed is not None and seeds is not None:
+    if args.seed is not None and args.seeds is not None:
         raise ConfigError("Give --seed or --seeds, not both.")
-    seeds = parse_seeds(seeds) if seeds is not None else [0 if seed is None else seed]
-    paths = compare_runs(checkpoints, seeds, **kwargs)
+    seeds = parse_seeds(args.seeds) if args.seeds is not None else [0 if args.seed is None else args.seed]
+    paths = compare_runs(args.checkpoint_paths, seeds, args.schemes, request=SchemeRequest.from_args(args),
+                         options=cli.dataclass_from_dict(SampleOptions, vars(args)), n_videos=args.n_videos,
+                         metrics=args.metrics, i3d_path=args.i3d_path, out_dir=args.out_dir,
+                         on_manifold_tolerance=args.on_manifold_tolerance)
     if paths is not None:  # rank 0
         print("\n".join(paths))
 

@@ -63,7 +63,7 @@ def plan_nfe(eval_dir):
     """Network evaluations per video from the plan: the sum over stages of noise-level rows - 1."""
     scheme = Scheme.from_json((eval_dir / "sampling_config.json").read_text())
     S = 4  # --timestep_respacing 4, no --sampling_steps
-    return sum(len(noise_levels(scheme.stage.noise_schedule, len(latent), S, scheme.stage.uncertainty_scale)) - 1
+    return sum(len(noise_levels(scheme.stage.scheduling_matrix, len(latent), S, scheme.stage.uncertainty_scale)) - 1
                for _, latent in scheme.stages())
 
 
@@ -162,8 +162,8 @@ class StopSampling(BaseException):
 def test_model_call_flags_reach_sample_dataset(checkpoint, tmp_path, capsys, monkeypatch):
     seen = []
 
-    def spy(*args, **kwargs):
-        seen.append(kwargs)
+    def spy(checkpoint_path, request, options):
+        seen.append(vars(options))
         raise StopSampling
 
     monkeypatch.setattr(compare, "sample_dataset", spy)
@@ -231,7 +231,7 @@ def test_runs_are_every_checkpoint_with_every_seed_and_all_are_checked_first(che
                                                                              monkeypatch):
     calls = []
     monkeypatch.setattr(compare, "compare_schemes", lambda path, **kw: calls.append(
-        (path, kw["seed"], os.path.basename(kw["out_dir"]), kw.get("check_only", False))))
+        (path, kw["options"].seed, os.path.basename(kw["out_dir"]), kw.get("check_only", False))))
     monkeypatch.setattr(compare, "write_aggregate_report", lambda out_dir, runs, schemes, n: ("md", "html"))
     other = str(tmp_path / "other.pt")
     code, _, err = run(capsys, checkpoint, other, *SPREAD_ARGS, "--seeds", "3,5", "--out_dir", tmp_path / "out")

@@ -142,7 +142,7 @@ def test_diffusion_forcing_recipe_trains_a_df_unet3d_that_loads(tmp_path):
                "--T", 12, "--n_obs", 2, "--sampling_steps", 4, "--use_ddim", "True", "--stop_index", 1,
                "--eval_dir", tmp_path / "df-pyramid", cwd=tmp_path)
     config = json.loads((tmp_path / "df-pyramid" / "sampling_config.json").read_text())
-    assert (config["plan"], config["noise_schedule"], config["stabilization"]) == ("sliding-window", "pyramid", "df")
+    assert (config["plan"], config["scheduling_matrix"], config["stabilization"]) == ("sliding-window", "pyramid", "df")
     assert config["clip_noise"] == 6.0  # the run's clip_noise reaches the sampler
     sample = np.load(tmp_path / "df-pyramid" / "samples" / "sample_0000-0.npy")
     given = get_dataset("bouncing_balls", split="test", T=2, image_size=16).frames(0)

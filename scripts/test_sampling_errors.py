@@ -119,6 +119,7 @@ VIDEO_SAMPLE_FLAGS = [
     (["--chunk_size", "6"], "chunk_size"),
     (["--sampling_scheme", "hierarchy-2", "--chunk_size", "2"], "chunk_size"),
     (["--sampling_scheme", "nope"], "--sampling_scheme"),
+    (["--scheduling_matrix", "nope"], "--scheduling_matrix"),
     (["--noise_schedule", "nope"], "--noise_schedule"),
     (["--uncertainty_scale", "-1"], "uncertainty_scale"),
     (["--uncertainty_scale", "nan"], "uncertainty_scale"),

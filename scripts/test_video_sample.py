@@ -167,14 +167,14 @@ def test_every_preset_runs(capsys, tmp_path, checkpoint, model_calls, name):
         schedule_file.write_text(json.dumps(schedule))
         extra = ["--optimality", schedule_file]
     sample_and_check(capsys, checkpoint, tmp_path / "out", "--sampling_scheme", name, *extra)
-    plan, step, noise_schedule, stabilized = PRESET_EXPECTATIONS[name]
+    plan, step, scheduling_matrix, stabilized = PRESET_EXPECTATIONS[name]
     n_obs = K - step
 
     # The saved JSON names the preset's plan and schedule, and rebuilds the scheme that sampled.
     config = json.loads((tmp_path / "out" / "sampling_config.json").read_text())
     assert (config["plan"], config["step_size"], config["n_obs"], config["T"], config["max_frames"]) == (
         plan, step, n_obs, T, K)
-    assert config["noise_schedule"] == noise_schedule and (config["stabilization_level"] > 0) == stabilized
+    assert config["scheduling_matrix"] == scheduling_matrix and (config["stabilization_level"] > 0) == stabilized
     expected = Scheme.from_preset(name, T=T, max_frames=K, timestep_respacing="4",
                                   optimality=None if not extra else str(extra[1]))
     assert Scheme.from_dict(config) == expected
@@ -187,11 +187,11 @@ def test_every_preset_runs(capsys, tmp_path, checkpoint, model_calls, name):
         assert obs == planned_obs if plan not in COUNTERPARTS else len(obs) == len(planned_obs)
     # ... and one model call per changing row of the schedule's matrix, over the diffusion's 4 steps.
     for obs, latent, group in seen:
-        levels = noise_levels(noise_schedule, len(latent), 4)
+        levels = noise_levels(scheduling_matrix, len(latent), 4)
         assert len(group) == sum(not np.array_equal(a, b) for a, b in zip(levels[:-1], levels[1:]))
         for c in group:
             t, is_obs, is_latent = c["t"][0], c["obs"][0], c["latent"][0]
-            if noise_schedule == "pyramid" and c is group[1]:
+            if scheduling_matrix == "pyramid" and c is group[1]:
                 assert len(set(t[is_latent].tolist())) > 1  # staggered: the frames fall one after another
             if obs and stabilized:  # DF's stabilization: context at timestep 14, i.e. 0 of the 4 kept steps
                 assert (t[is_obs] == 0).all()
@@ -230,12 +230,12 @@ def test_files_equal_the_stage_sampler_output(capsys, tmp_path, checkpoint):
     """A sample file is the stage sampler's output for the same scheme and generator, as uint8.
 
     One video, so the default (batched) model calls are the plain model's calls on that video."""
-    argv = ["--sampling_scheme", "long-range", "--noise_schedule", "pyramid", "--stabilization_level", "5",
+    argv = ["--sampling_scheme", "long-range", "--scheduling_matrix", "pyramid", "--stabilization_level", "5",
             "--seed", "3", "--sample_idx", "1", "--start_index", "1"]
     code, _, err = run(capsys, checkpoint, "--timestep_respacing", "4", "--stop_index", 2, "--eval_dir",
                        tmp_path, *argv)
     assert code == 0, err
-    scheme = Scheme.from_preset("long-range", T=T, max_frames=K, noise_schedule="pyramid", stabilization_level=5)
+    scheme = Scheme.from_preset("long-range", T=T, max_frames=K, scheduling_matrix="pyramid", stabilization_level=5)
     model, diffusion, _ = load_checkpoint(checkpoint, "4")
     videos = torch.zeros(1, T, 3, SIZE, SIZE)
     videos[0, :scheme.n_obs] = get_dataset("bouncing_balls", split="test", T=scheme.n_obs, image_size=SIZE).video(1)
@@ -245,10 +245,10 @@ def test_files_equal_the_stage_sampler_output(capsys, tmp_path, checkpoint):
 
 
 @pytest.mark.parametrize("argv", [
-    ["--sampling_scheme", "hierarchy-2", "--noise_schedule", "pyramid"],
-    ["--sampling_scheme", "long-range", "--noise_schedule", "trapezoid", "--uncertainty_scale", "2"],
-    ["--sampling_scheme", "autoreg", "--noise_schedule", "autoregressive", "--stabilization_level", "10"],
-    ["--sampling_scheme", "adaptive-hierarchy-2", "--noise_schedule", "pyramid", "--use_ddim", "True",
+    ["--sampling_scheme", "hierarchy-2", "--scheduling_matrix", "pyramid"],
+    ["--sampling_scheme", "long-range", "--scheduling_matrix", "trapezoid", "--uncertainty_scale", "2"],
+    ["--sampling_scheme", "autoreg", "--scheduling_matrix", "autoregressive", "--stabilization_level", "10"],
+    ["--sampling_scheme", "adaptive-hierarchy-2", "--scheduling_matrix", "pyramid", "--use_ddim", "True",
      "--sampling_steps", "2"],
     ["--sampling_scheme", "autoreg", "--chunk_size", "2", "--stabilization_level", "15", "--T", "60"],
 ], ids=["hierarchy2-pyramid", "long-range-trapezoid", "autoreg-autoregressive", "adaptive-ddim",
@@ -256,15 +256,15 @@ def test_files_equal_the_stage_sampler_output(capsys, tmp_path, checkpoint):
 def test_plans_compose_with_schedules(capsys, tmp_path, checkpoint, argv):
     sample_and_check(capsys, checkpoint, tmp_path / "out", *argv)
     config = json.loads((tmp_path / "out" / "sampling_config.json").read_text())
-    if "--noise_schedule" in argv:
-        assert config["noise_schedule"] == argv[argv.index("--noise_schedule") + 1]
+    if "--scheduling_matrix" in argv:
+        assert config["scheduling_matrix"] == argv[argv.index("--scheduling_matrix") + 1]
     if "--chunk_size" in argv:
         assert (config["plan"], config["step_size"]) == ("sliding-window", 2)
 
 
 def test_samples_do_not_depend_on_batching_and_reruns_skip(capsys, tmp_path, checkpoint):
     """With --batch_invariant True, batch size 2, batch size 1, and another split of the indices give the same files."""
-    argv = ["--sampling_scheme", "hierarchy-2", "--noise_schedule", "pyramid", "--stabilization_level", "5",
+    argv = ["--sampling_scheme", "hierarchy-2", "--scheduling_matrix", "pyramid", "--stabilization_level", "5",
             "--batch_invariant", "True"]
     together = sample_and_check(capsys, checkpoint, tmp_path / "b2", *argv, "--batch_size", 2, videos=2)
     alone = sample_and_check(capsys, checkpoint, tmp_path / "b1", *argv, "--batch_size", 1, videos=2)
@@ -322,7 +322,7 @@ def no_model_loading(monkeypatch):
 
 def test_just_visualise_draws_the_same_png_as_video_schedule(capsys, tmp_path, checkpoint, no_model_loading):
     code, out, err = run(capsys, checkpoint, "--just_visualise", "--sampling_scheme", "hierarchy-2",
-                         "--noise_schedule", "pyramid", "--eval_dir", tmp_path / "vis")
+                         "--scheduling_matrix", "pyramid", "--eval_dir", tmp_path / "vis")
     assert code == 0, err
     assert out.strip() == str(tmp_path / "vis" / "plan.png")
     assert cli.run(video_schedule.main, video_schedule.create_argparser(),
@@ -343,7 +343,7 @@ def test_just_visualise_draws_the_same_png_as_video_schedule(capsys, tmp_path, c
     (["--sampling_steps", "8", "--timestep_respacing", "4"], "sampling_steps must be between"),
     (["--just_visualise", "--sampling_scheme", "adaptive-autoreg"], "cannot be drawn"),
     (["--sampling_scheme", "nope"], "df-pyramid"),  # argparse names the valid choices
-    (["--noise_schedule", "nope"], "trapezoid"),
+    (["--scheduling_matrix", "nope"], "trapezoid"),
     (["--precision", "fp64"], "--precision must be one of fp32, bf16, fp16"),
 ])
 def test_impossible_settings_fail_before_loading_the_model(capsys, checkpoint, no_model_loading, argv, message):

@@ -32,7 +32,7 @@ def test_json_hierarchy(capsys):
     assert [(s["obs"], s["latent"]) for s in doc["stages"]] == [
         ([0, 0, 0], [1, 5, 9]), ([0, 1, 5], [2, 3, 4]), ([4, 5, 9], [6, 7, 8])]
     assert doc["stages"][0]["noise_levels"] == [[4, 4, 4], [3, 3, 3], [2, 2, 2], [1, 1, 1], [0, 0, 0]]
-    assert (doc["stabilization_level"], doc["chunk_size"], doc["noise_schedule"]) == (0, 0, "full_sequence")
+    assert (doc["stabilization_level"], doc["chunk_size"], doc["scheduling_matrix"]) == (0, 0, "full_sequence")
     # The JSON is the scheme as video_sample.py saves it.
     assert Scheme.from_dict(doc) == Scheme.from_preset("hierarchy-2", T=10, n_obs=1, max_frames=6,
                                                        max_latent_frames=3, sampling_steps=4)
@@ -47,7 +47,7 @@ def test_json_df_pyramid_preset_and_overrides(capsys):
     assert doc["stages"][0] == {"obs": [0, 1], "latent": [2, 3, 4],
                                 "noise_levels": [[2, 2, 2], [1, 2, 2], [0, 1, 2], [0, 0, 1], [0, 0, 0]]}
     code, out, _ = run(capsys, "--sampling_scheme", "autoreg", "--T", "6", "--n_obs", "2", "--max_frames", "4",
-                       "--chunk_size", "1", "--stabilization_level", "5", "--noise_schedule", "trapezoid",
+                       "--chunk_size", "1", "--stabilization_level", "5", "--scheduling_matrix", "trapezoid",
                        "--format", "json")
     doc = json.loads(out)
     assert doc["plan"] == "sliding-window" and doc["stabilization_level"] == 5 and doc["chunk_size"] == 1

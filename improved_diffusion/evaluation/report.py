@@ -48,7 +48,9 @@ from ..results import SAMPLE_RE, find_samples, read_sampling_config, write_json_
 from ..sampling.plan_picture import draw_plan
 from ..sampling.plans import sampling_schemes
 from ..sampling.run import mcmc_summary
-from ..sampling.scheme import PRESETS, Scheme
+from ..sampling.request import SchemeRequest
+from ..sampling.scheme import Scheme
+from ..sampling.settings import canonical
 
 RUNS_FILE = "runs.json"
 SETTINGS_FILE = "compare_config.json"
@@ -59,55 +61,19 @@ SETTINGS_FILE = "compare_config.json"
 # ---------------------------------------------------------------------------
 
 
-def boolean(text):
-    """A per-scheme boolean setting: true/false, yes/no, 1/0."""
-    value = str(text).strip().lower()
-    if value in ("true", "yes", "t", "y", "1"):
-        return True
-    if value in ("false", "no", "f", "n", "0"):
-        return False
-    raise ValueError(text)
-
-
-# Scheme settings a comparison may set per scheme ("stabilized-autoreg:stabilization_level=50"), with
-# the type each value is read as; the others are the comparison's and the same for every scheme.
-SCHEME_OVERRIDES = {"stabilization_level": int, "uncertainty_scale": float, "chunk_size": int,
-                    "sampling_steps": int, "noise_schedule": str, "optimality": str, "eta": float,
-                    "clip_noise": float, "stabilization": str, "guidance_scale": float,
-                    "mcmc_steps": int, "mcmc_step_size": float, "mcmc_noise": boolean, "mcmc_clamp": str}
-
-
 def parse_schemes(text):
-    """Scheme specs from "a,b:key=value,c", in order and without repeats.
+    """Scheme specs from "a,b:key=value,c", in order and without repeats; ConfigError if one is malformed.
 
-    A spec is a registry preset, optionally followed by ":key=value" overrides of the settings in
-    SCHEME_OVERRIDES, so one comparison can hold a scheme at several settings.
+    A spec is a registry preset, optionally followed by ":key=value" overrides of its plan options and
+    stage settings (sampling.request.SchemeRequest.with_spec), so one comparison can hold a scheme at
+    several settings.
     """
     specs = list(dict.fromkeys(s.strip() for s in str(text).split(",") if s.strip()))
     if not specs:
         raise ConfigError("--schemes names no sampling scheme.")
     for spec in specs:
-        scheme_overrides(spec)
+        SchemeRequest().with_spec(spec)
     return specs
-
-
-def scheme_overrides(spec):
-    """(preset name, {setting: value}) of a scheme spec "name[:key=value...]"; ConfigError if malformed."""
-    name, *pairs = [part.strip() for part in spec.split(":")]
-    if name not in PRESETS:
-        raise ConfigError(f"Unknown sampling scheme {name!r}; valid names are {', '.join(PRESETS)}.")
-    overrides = {}
-    for pair in pairs:
-        key, sep, value = (part.strip() for part in pair.partition("="))
-        if not sep or key not in SCHEME_OVERRIDES:
-            raise ConfigError(f"Scheme {spec!r}: {pair!r} is not a setting=value override; settings are "
-                              f"{', '.join(SCHEME_OVERRIDES)}.")
-        try:
-            overrides[key] = SCHEME_OVERRIDES[key](value)
-        except ValueError:
-            raise ConfigError(f"Scheme {spec!r}: {key} must be {SCHEME_OVERRIDES[key].__name__}, "
-                              f"got {value!r}.") from None
-    return name, overrides
 
 
 def scheme_folder(spec):
@@ -335,7 +301,7 @@ def build_report(out_dir, schemes, results, runs, settings):
                         "Bold: the best value of a column."))
 
     metric_names = list(dict.fromkeys(m for s in schemes for m in results[s]["overall"]))
-    header = ["scheme", "plan", "noise schedule", *metric_names, "videos", "sampling s", "s / video", "NFE / video"]
+    header = ["scheme", "plan", "scheduling matrix", *metric_names, "videos", "sampling s", "s / video", "NFE / video"]
     mcmc = {s: mcmc_summary(os.path.join(out_dir, scheme_folder(s))) for s in schemes}
     with_gradients = any(runs.get(s, {}).get("gradient_evaluations_per_video") for s in schemes)
     with_mcmc = any(mcmc.values())
@@ -353,7 +319,7 @@ def build_report(out_dir, schemes, results, runs, settings):
     for s in schemes:
         config = read_sampling_config(os.path.join(out_dir, scheme_folder(s)))
         run = runs.get(s, {})
-        cells = [s, config.get("plan", ""), config.get("noise_schedule", "")]
+        cells = [s, config.get("plan", ""), canonical(config).get("scheduling_matrix", "")]
         for m in metric_names:
             v = results[s]["overall"].get(m)
             text = format_value(v)

@@ -78,14 +78,12 @@ def test_parse_schemes():
 
 
 def test_scheme_specs_carry_their_own_settings():
-    specs = report.parse_schemes("autoreg,stabilized-autoreg:stabilization_level=50, df-pyramid:eta=0.5:noise_schedule=pyramid")
-    assert specs == ["autoreg", "stabilized-autoreg:stabilization_level=50", "df-pyramid:eta=0.5:noise_schedule=pyramid"]
-    assert report.scheme_overrides(specs[0]) == ("autoreg", {})
-    assert report.scheme_overrides(specs[1]) == ("stabilized-autoreg", {"stabilization_level": 50})
-    assert report.scheme_overrides(specs[2]) == ("df-pyramid", {"eta": 0.5, "noise_schedule": "pyramid"})
+    specs = report.parse_schemes("autoreg,stabilized-autoreg:stabilization_level=50, df-pyramid:eta=0.5:scheduling_matrix=pyramid")
+    assert specs == ["autoreg", "stabilized-autoreg:stabilization_level=50", "df-pyramid:eta=0.5:scheduling_matrix=pyramid"]
     assert report.scheme_folder(specs[1]) == "stabilized-autoreg_stabilization_level=50"
     for spec, message in [("autoreg:stabilization_level", "not a setting=value override"),
-                          ("autoreg:T=9", "not a setting=value override; settings are stabilization_level"),
+                          ("autoreg:T=9", "not a setting=value override; settings are chunk_size, optimality, "
+                                          "scheduling_matrix"),
                           ("autoreg:stabilization_level=ten", "stabilization_level must be int, got 'ten'"),
                           ("nope:eta=1", "Unknown sampling scheme 'nope'")]:
         with pytest.raises(UserError, match=message):

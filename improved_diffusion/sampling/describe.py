@@ -10,6 +10,7 @@ from pathlib import Path
 
 from ..errors import ConfigError
 from .plan_picture import draw_plan
+from .request import DEFAULT
 from .scheme import Scheme
 
 FORMATS = ("json", "text", "png")
@@ -20,7 +21,7 @@ def as_text(doc):
     lines = [
         f"{doc['sampling_scheme']} (plan {doc['plan']}): T={doc['T']}, n_obs={doc['n_obs']}, "
         f"max_frames={doc['max_frames']}, max_latent_frames={doc['max_latent_frames']}, "
-        f"noise schedule {doc['noise_schedule']} ({doc['sampling_steps']} steps, "
+        f"scheduling matrix {doc['scheduling_matrix']} ({doc['sampling_steps']} steps, "
         f"uncertainty scale {doc['uncertainty_scale']}), stabilization level {doc['stabilization_level']}, "
         f"chunk size {doc['chunk_size']}, {len(doc['stages'])} stages"
     ]
@@ -30,21 +31,21 @@ def as_text(doc):
     return "\n".join(lines) + "\n"
 
 
-def show_scheme(sampling_scheme, *, T, n_obs, max_frames, max_latent_frames=None, noise_schedule=None,
-                sampling_steps=10, uncertainty_scale=None, stabilization_level=None, chunk_size=None,
-                optimality=None, format="text", out=None):
-    """Describe the scheme (see `Scheme.from_preset`) in `format`; returns the text, or None once written to `out`.
+def show_scheme(request, *, format="text", out=None):
+    """Describe the scheme a SchemeRequest asks for in `format`; returns the text, or None once written to `out`.
 
-    png needs `out`. Stabilization is recorded only: it changes what the model sees, not the plan.
+    Sizes of -1 are refused (there is no checkpoint to take them from), except max_latent_frames
+    (max_frames // 2); sampling_steps defaults to 10. png needs `out`. Stabilization is recorded
+    only: it changes what the model sees, not the plan.
     """
     if format not in FORMATS:
         raise ConfigError(f"--format must be one of {', '.join(FORMATS)}, got {format!r}.")
     if format == "png" and out is None:
         raise ConfigError("--format png needs --out FILE.")
     scheme = Scheme.from_preset(
-        sampling_scheme, T=T, n_obs=n_obs, max_frames=max_frames, max_latent_frames=max_latent_frames,
-        noise_schedule=noise_schedule, sampling_steps=sampling_steps, uncertainty_scale=uncertainty_scale,
-        stabilization_level=stabilization_level, chunk_size=chunk_size, optimality=optimality)
+        request.sampling_scheme, T=request.T, n_obs=request.n_obs, max_frames=request.max_frames,
+        max_latent_frames=None if request.max_latent_frames == DEFAULT else request.max_latent_frames,
+        chunk_size=request.chunk_size, optimality=request.optimality, **{"sampling_steps": 10, **request.settings})
     doc = scheme.describe()
     try:
         if format == "png":

@@ -18,13 +18,14 @@ from torch.func import vjp
 
 from improved_diffusion.diffusion.build import DiffusionConfig, create_diffusion
 from improved_diffusion.errors import ConfigError
-from improved_diffusion.evaluation.report import count_network_evaluations, scheme_overrides
+from improved_diffusion.evaluation.report import count_network_evaluations
 from improved_diffusion.models import ModelConfig, create_model
 from improved_diffusion.sampling import mcmc
 from improved_diffusion.sampling.guidance import ClassifierFreeGuidance, Conditions
 from improved_diffusion.sampling.noise_schedules import noise_levels
 from improved_diffusion.sampling.sampler import (one_video_at_a_time, sample_video, sample_with_scheme,
                                                  video_generator)
+from improved_diffusion.sampling.request import SchemeRequest
 from improved_diffusion.sampling.scheme import Scheme
 
 SIZE = 8
@@ -259,7 +260,7 @@ def expected_calls(scheme, num_timesteps):
     st = scheme.stage
     calls = refinements = 0
     for _, latent in scheme.stages():
-        L = torch.as_tensor(noise_levels(st.noise_schedule, len(latent), st.sampling_steps or num_timesteps,
+        L = torch.as_tensor(noise_levels(st.scheduling_matrix, len(latent), st.sampling_steps or num_timesteps,
                                          st.uncertainty_scale))
         changes = L[1:] != L[:-1]
         calls += int(changes.any(dim=1).sum())
@@ -270,10 +271,10 @@ def expected_calls(scheme, num_timesteps):
 SCHEMES = [  # (prediction, scheme settings)
     ("eps", dict(sampling_scheme="autoreg", use_ddim=True)),
     ("x0", dict(sampling_scheme="autoreg", use_ddim=True)),
-    ("v", dict(sampling_scheme="hierarchy-2", noise_schedule="pyramid", use_ddim=True)),
-    ("eps", dict(sampling_scheme="autoreg", noise_schedule="trapezoid", stabilization_level=20, use_ddim=True,
+    ("v", dict(sampling_scheme="hierarchy-2", scheduling_matrix="pyramid", use_ddim=True)),
+    ("eps", dict(sampling_scheme="autoreg", scheduling_matrix="trapezoid", stabilization_level=20, use_ddim=True,
                  eta=0.5)),
-    ("v", dict(sampling_scheme="long-range", noise_schedule="autoregressive", stabilization_level=20)),  # DDPM
+    ("v", dict(sampling_scheme="long-range", scheduling_matrix="autoregressive", stabilization_level=20)),  # DDPM
     ("eps", dict(sampling_scheme="df-pyramid", use_ddim=True)),  # DF's update, stabilization "df"
     ("v", dict(sampling_scheme="stabilized-autoreg")),  # DF's ancestral update
 ]
@@ -366,8 +367,9 @@ def test_mcmc_settings_are_checked_named_and_settable_per_scheme():
     assert "mcmc" not in Scheme.from_preset("autoreg", T=8, max_frames=6).folder_name()
     old = {k: v for k, v in scheme.to_dict().items() if not k.startswith("mcmc")}  # written before MCMC existed
     assert Scheme.from_dict(old).stage.mcmc_steps == 0
-    assert scheme_overrides("autoreg:mcmc_steps=5:mcmc_step_size=0.005:mcmc_noise=true") == (
+    request = SchemeRequest().with_spec("autoreg:mcmc_steps=5:mcmc_step_size=0.005:mcmc_noise=true")
+    assert (request.sampling_scheme, request.settings) == (
         "autoreg", {"mcmc_steps": 5, "mcmc_step_size": 0.005, "mcmc_noise": True})
     with pytest.raises(ConfigError, match="mcmc_noise must be boolean"):
-        scheme_overrides("autoreg:mcmc_noise=maybe")
+        SchemeRequest().with_spec("autoreg:mcmc_noise=maybe")
 

@@ -10,6 +10,7 @@ of the wrappers, not the compiler.
 import dataclasses
 import json
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,8 @@ import torch
 from improved_diffusion.errors import ConfigError
 from improved_diffusion.models import UNetVideoModel
 from improved_diffusion.sampling import run as sampling_run
+from improved_diffusion.sampling.request import SchemeRequest
+from improved_diffusion.sampling.run import SampleOptions
 from improved_diffusion.sampling.sampler import sample_with_scheme, video_generator
 from improved_diffusion.sampling.scheme import Scheme
 from improved_diffusion.script_util import DiffusionConfig, ModelConfig, create_diffusion, create_model
@@ -79,12 +82,13 @@ def generated_deviation(a, b):
 def test_sample_dataset_calls_the_model_once_per_batch_by_default(setup, tmp_path, one_thread):
     """Default: one call per row of the plan carrying both videos; batch_invariant: one call per video."""
     checkpoint = setup[3]
-    args = dict(T=T, n_obs=N_OBS, stop_index=2, batch_size=2, timestep_respacing=str(STEPS), device="cpu")
+    request = SchemeRequest("autoreg", T=T, n_obs=N_OBS, timestep_respacing=str(STEPS))
+    options = SampleOptions(stop_index=2, batch_size=2, device="cpu")
     with network_batches() as batched:
-        sampling_run.sample_dataset(checkpoint, "autoreg", eval_dir=tmp_path / "batched", **args)
+        sampling_run.sample_dataset(checkpoint, request, replace(options, eval_dir=tmp_path / "batched"))
     with network_batches() as per_video:
-        sampling_run.sample_dataset(checkpoint, "autoreg", eval_dir=tmp_path / "per_video", batch_invariant=True,
-                                    **args)
+        sampling_run.sample_dataset(checkpoint, request, replace(options, eval_dir=tmp_path / "per_video",
+                                                                 batch_invariant=True))
     assert batched == [2] * NFE
     assert per_video == [1] * (2 * NFE)
     for name in ("sample_0000-0.npy", "sample_0001-0.npy"):
@@ -167,8 +171,9 @@ def test_sample_dataset_passes_precision_and_compile_to_prepare_model(setup, tmp
         return real(model, device, **{**wrapping, "compile": False})  # the plumbing, not the compiler
 
     monkeypatch.setattr(sampling_run, "prepare_model", spy)
-    sampling_run.sample_dataset(setup[3], "autoreg", T=T, n_obs=N_OBS, stop_index=1, timestep_respacing="2",
-                                eval_dir=tmp_path, device="cpu", precision="bf16", compile=True)
+    request = SchemeRequest("autoreg", T=T, n_obs=N_OBS, timestep_respacing="2")
+    sampling_run.sample_dataset(setup[3], request, SampleOptions(stop_index=1, eval_dir=tmp_path, device="cpu",
+                                                                 precision="bf16", compile=True))
     assert seen == [dict(batch_invariant=False, precision="bf16", compile=True, kv_cache=None)]
     config = json.loads((tmp_path / "sampling_config.json").read_text())
     assert (config["precision"], config["compiled"], config["batch_invariant"]) == ("bf16", True, False)
@@ -176,28 +181,28 @@ def test_sample_dataset_passes_precision_and_compile_to_prepare_model(setup, tmp
 
     # Samples of one precision are not resumed at another (one sentence, before the model is loaded).
     with pytest.raises(ConfigError, match="made with --precision bf16, not fp32"):
-        sampling_run.sample_dataset(setup[3], "autoreg", T=T, n_obs=N_OBS, stop_index=2, timestep_respacing="2",
-                                    eval_dir=tmp_path, device="cpu")
+        sampling_run.sample_dataset(setup[3], request, SampleOptions(stop_index=2, eval_dir=tmp_path, device="cpu"))
 
 
 def test_16_bit_samples_go_to_their_own_folder_by_default(setup, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    fp32 = sampling_run.sample_dataset(setup[3], "autoreg", T=T, n_obs=N_OBS, just_visualise=True)
-    bf16 = sampling_run.sample_dataset(setup[3], "autoreg", T=T, n_obs=N_OBS, just_visualise=True, precision="bf16")
+    request = SchemeRequest("autoreg", T=T, n_obs=N_OBS)
+    fp32 = sampling_run.sample_dataset(setup[3], request, SampleOptions(just_visualise=True))
+    bf16 = sampling_run.sample_dataset(setup[3], request, SampleOptions(just_visualise=True, precision="bf16"))
     assert Path(bf16).parent.name == Path(fp32).parent.name + "_bf16"
 
 
 def test_only_existing_samples_pin_a_folders_precision(tmp_path):
     config = tmp_path / "sampling_config.json"
     config.write_text(json.dumps({"precision": "bf16"}))
-    sampling_run.check_same_precision(tmp_path, "fp32")  # no samples/ folder yet
+    sampling_run.check_same_settings(tmp_path, precision="fp32")  # no samples/ folder yet
     (tmp_path / "samples").mkdir()
-    sampling_run.check_same_precision(tmp_path, "fp32")  # nothing sampled yet
+    sampling_run.check_same_settings(tmp_path, precision="fp32")  # nothing sampled yet
     np.save(tmp_path / "samples" / "sample_0000-0.npy", np.zeros(1, np.uint8))
-    sampling_run.check_same_precision(tmp_path, "bf16")
+    sampling_run.check_same_settings(tmp_path, precision="bf16")
     with pytest.raises(ConfigError, match="made with --precision bf16, not fp32"):
-        sampling_run.check_same_precision(tmp_path, "fp32")
+        sampling_run.check_same_settings(tmp_path, precision="fp32")
     config.write_text(json.dumps({"seed": 0}))  # written before precision was recorded: fp32
-    sampling_run.check_same_precision(tmp_path, "fp32")
+    sampling_run.check_same_settings(tmp_path, precision="fp32")
     with pytest.raises(ConfigError, match="made with --precision fp32, not fp16"):
-        sampling_run.check_same_precision(tmp_path, "fp16")
+        sampling_run.check_same_settings(tmp_path, precision="fp16")

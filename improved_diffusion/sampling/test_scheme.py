@@ -25,7 +25,7 @@ def test_every_preset_round_trips_through_json(name, schedule_file):
             overrides["optimality"] = schedule_file
         return Scheme.from_preset(name, T=40, max_frames=20, **overrides)
 
-    scheme = build(name, noise_schedule="trapezoid", uncertainty_scale=0.5, sampling_steps=3, use_ddim=True,
+    scheme = build(name, scheduling_matrix="trapezoid", uncertainty_scale=0.5, sampling_steps=3, use_ddim=True,
                    eta=0.25, timestep_respacing="10")
     again = Scheme.from_json(scheme.to_json())
     assert again == scheme and again.stages() == scheme.stages() and again.folder_name() == scheme.folder_name()
@@ -60,13 +60,13 @@ def test_presets_resolve_to_plan_and_settings():
     h = Scheme.from_preset("hierarchy-2", T=40, max_frames=20)
     assert (h.plan, h.step_size, h.n_obs, h.stage) == ("hierarchy-2", 10, 10, StageSettings())
     df = Scheme.from_preset("df-pyramid", T=40, max_frames=16)
-    assert (df.plan, df.stage.noise_schedule, df.step_size, df.stage.stabilization_level) == (
+    assert (df.plan, df.stage.scheduling_matrix, df.step_size, df.stage.stabilization_level) == (
         "sliding-window", "pyramid", 8, 15)
     sa = Scheme.from_preset("stabilized-autoreg", T=40, max_frames=16, max_latent_frames=5)
-    assert (sa.plan, sa.stage.noise_schedule, sa.step_size, sa.n_obs) == ("sliding-window", "full_sequence", 1, 15)
+    assert (sa.plan, sa.stage.scheduling_matrix, sa.step_size, sa.n_obs) == ("sliding-window", "full_sequence", 1, 15)
     chunked = Scheme.from_preset("autoreg", T=40, max_frames=16, chunk_size=3)
     assert (chunked.plan, chunked.step_size) == ("sliding-window", 3)
-    assert Scheme.from_preset("autoreg", T=40, max_frames=16, noise_schedule="pyramid").stage.noise_schedule == "pyramid"
+    assert Scheme.from_preset("autoreg", T=40, max_frames=16, scheduling_matrix="pyramid").stage.scheduling_matrix == "pyramid"
 
 
 def test_adaptive_scheme_is_checked_and_drawn_through_its_counterpart():
@@ -105,7 +105,7 @@ def test_folder_names():
     (dict(name="df-pyramid", stabilization_level=0), ConfigError, "needs stabilization_level >= 1"),
     (dict(clip_noise=-1.0), ConfigError, "clip_noise"),
     (dict(clip_noise=float("nan")), ConfigError, "clip_noise"),
-    (dict(noise_schedule="nope"), ConfigError, "unknown noise schedule"),
+    (dict(scheduling_matrix="nope"), ConfigError, "unknown scheduling_matrix 'nope'"),
     (dict(sampling_steps=5, diffusion_config=DiffusionConfig(diffusion_steps=100)), ConfigError, "only DDIM"),
     (dict(sampling_steps=11, use_ddim=True, timestep_respacing="10",
           diffusion_config=DiffusionConfig(diffusion_steps=100)), ConfigError, "between 1 and the diffusion's 10 "),
@@ -123,11 +123,11 @@ def test_impossible_schemes_are_one_sentence(overrides, error, message):
 
 def test_describe_lists_stages_with_their_noise_levels():
     doc = Scheme.from_preset("autoreg", T=6, n_obs=2, max_frames=4, sampling_steps=2,
-                             noise_schedule="pyramid").describe()
+                             scheduling_matrix="pyramid").describe()
     assert [(s["obs"], s["latent"]) for s in doc["stages"]] == [([0, 1], [2, 3]), ([2, 3], [4, 5])]
     assert doc["stages"][0]["noise_levels"] == [[2, 2], [1, 2], [0, 1], [0, 0]]
     assert Scheme.from_dict(doc) == Scheme.from_preset("autoreg", T=6, n_obs=2, max_frames=4, sampling_steps=2,
-                                                       noise_schedule="pyramid")
+                                                       scheduling_matrix="pyramid")
     with pytest.raises(ScheduleError, match="sampling_steps must be a positive"):
         Scheme.from_preset("autoreg", T=6, n_obs=2, max_frames=4).describe()
 
