@@ -21,5 +21,5 @@ setup(
         "imageio-ffmpeg",
         "pillow",
     ],
-    extras_require={"test": ["pytest", "pytest-xdist", "hypothesis"], "mutation": ["mutmut>=3.3"]},
+    extras_require={"test": ["pytest", "pytest-xdist", "hypothesis", "import-linter>=2.13"], "mutation": ["mutmut>=3.3"]},
 )
