@@ -11,6 +11,7 @@ import collections
 import io
 import json
 import os
+import pickle
 import re
 import types
 
@@ -304,8 +305,6 @@ class Skipped:
 def restricted_pickle_module():
     """A pickle module for torch.load whose Unpickler builds only SAFE_GLOBALS; every other
     global becomes a `Skipped` subclass named after it."""
-    import pickle
-
     class Unpickler(pickle.Unpickler):
         def find_class(self, module, name):
             if (module, name) in SAFE_GLOBALS:

@@ -10,6 +10,9 @@ import dataclasses
 import sys
 import traceback
 
+import torch
+
+from . import dist_util
 from .errors import ConfigError, UserError
 
 
@@ -63,10 +66,6 @@ def device_flag(value):
 
     Checked before any model is built: a malformed name or a GPU this machine lacks is one sentence.
     """
-    import torch
-
-    from . import dist_util
-
     if value is None:
         return dist_util.dev()
     try:
@@ -84,8 +83,6 @@ def run(main, parser, argv=None):
     Use as `sys.exit(run(main, create_argparser()))`. Any other exception prints its traceback
     and exits 1; under MPI both take every other rank down (`dist_util.exit_all`).
     """
-    from . import dist_util  # torch.distributed is only needed once a script runs
-
     args = parser.parse_args(argv)
     try:
         main(args)

@@ -34,7 +34,7 @@ def _mpi():
     """The mpi4py MPI module when launched by mpiexec, else None (imported lazily)."""
     if not any(k in os.environ for k in MPI_ENV_VARS):
         return None
-    from mpi4py import MPI
+    from mpi4py import MPI  # importing it initialises MPI, which only a job started by mpiexec may do
 
     return MPI
 

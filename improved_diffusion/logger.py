@@ -48,7 +48,7 @@ class Logger:
         self.run_id = run_id
         mode = wandb_mode(offline)
         if self.enabled and mode != "disabled":
-            import wandb
+            import wandb  # seconds to import; only a run that logs to wandb pays for it
 
             # resume="allow" continues run `run_id` (online, or as a new offline segment with
             # the same id that `wandb sync` appends to it).
@@ -130,7 +130,7 @@ class Logger:
     def log_video(self, key, frames, step, fps=4):
         """A uint8 [T x C x H x W] video to wandb (when a run is active)."""
         if self.run is not None:
-            import wandb
+            import wandb  # seconds to import; only a run that logs to wandb pays for it
 
             self.run.log({key: wandb.Video(frames, fps=fps, format="gif")}, step=step)
 

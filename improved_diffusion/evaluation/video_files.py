@@ -7,6 +7,7 @@ comes from `GroundTruth`, the same videos evaluation compares with.
 
 import os
 
+import imageio.v2 as imageio
 import numpy as np
 
 from ..errors import ConfigError, EvalError
@@ -72,8 +73,6 @@ def side_by_side(sample, observed, ground_truth=None, scale=4):
 
 
 def write_mp4(frames, path, fps=8):
-    import imageio.v2 as imageio
-
     with imageio.get_writer(path, fps=fps, codec="libx264", quality=8, macro_block_size=1,
                             ffmpeg_log_level="error") as writer:
         for frame in frames:
@@ -81,8 +80,6 @@ def write_mp4(frames, path, fps=8):
 
 
 def write_gif(frames, path, fps=8):
-    import imageio.v2 as imageio
-
     imageio.mimsave(path, list(frames), duration=1.0 / fps, loop=0)
 
 

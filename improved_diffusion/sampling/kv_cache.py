@@ -24,13 +24,12 @@ part of a prefix, so they stay exact.
 
 import torch
 
+from ..models.unet import UNetVideoModel
 from ..models.video_attention import EarlierFrames
 
 
 def supports_cache(model):
     """Whether `model` is a network whose frames are causal in the sense above (FDM's causal UNet)."""
-    from ..models.unet import UNetVideoModel
-
     inner = getattr(model, "_orig_mod", model)  # a torch.compile'd module wraps the original
     return isinstance(inner, UNetVideoModel) and inner.config.causal
 

@@ -28,6 +28,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Optional
 
+from ..diffusion import create_diffusion
 from ..errors import ConfigError, PlanError, ScheduleError
 from .noise_schedules import noise_levels
 from .plans import plan_stages, sampling_schemes, validate_plan_args
@@ -129,8 +130,6 @@ class Scheme:
 
     def diffusion(self, diffusion_config):
         """The (respaced) diffusion this scheme samples with."""
-        from ..diffusion import create_diffusion  # the diffusion package is only needed with a model
-
         return create_diffusion(diffusion_config, self.timestep_respacing)
 
     # ---- the plan
