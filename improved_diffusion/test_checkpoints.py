@@ -85,7 +85,7 @@ def df_outputs(model):
 def test_df_checkpoint_loads_with_either_config_nesting_and_file_format(tmp_path):
     flat = json.loads((REFERENCE / "df_small32_config.json").read_text())
     nested = {"algorithm": {"causal": flat["causal"], "diffusion": flat["diffusion"]}}
-    import yaml
+    import yaml  # optional dependency (pyyaml), as in checkpoints.py: only YAML configurations need it
 
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(nested))
     for source in (REFERENCE / "df_small32_config.json", str(tmp_path / "config.yaml"), nested, flat):

@@ -15,6 +15,7 @@ def test_old_module_is_the_new_module(old, new):
 
 
 def test_fdm_names_resolve():
+    # Imported here, as an FDM user's code imports them: the import statements are what is tested.
     from improved_diffusion.gaussian_diffusion import GaussianDiffusion, get_named_beta_schedule
     from improved_diffusion.sampling_schemes import sampling_schemes
     from improved_diffusion.script_util import load_checkpoint

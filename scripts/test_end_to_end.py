@@ -7,10 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import imageio.v3 as iio
 import numpy as np
 import pytest
 import torch
 
+from improved_diffusion.checkpoints import load_checkpoint
 from improved_diffusion.data.datasets import get_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -67,8 +69,6 @@ def test_sample_longer_than_the_window_and_make_mp4(trained_run):
     run_script("video_make_mp4.py", "--eval_dir", eval_dir, cwd=work)
     mp4 = eval_dir / "videos" / "sample_0000-0.mp4"
     assert mp4.stat().st_size > 1000 and (eval_dir / "videos" / "sample_0000-0.gif").exists()
-    import imageio.v3 as iio
-
     frames = iio.imread(mp4)
     assert frames.shape[0] == 16
 
@@ -122,8 +122,6 @@ def test_training_on_a_folder_with_a_corrupt_video_stops_or_skips(tmp_path):
 def test_diffusion_forcing_recipe_trains_a_df_unet3d_that_loads(tmp_path):
     """DF's video recipe (df_video.yaml) at tiny size: per-frame noise levels, fused-SNR v-loss,
     clamped noise, warm-up, AdamW betas, gradient clipping, DF's 3D-UNet."""
-    from improved_diffusion.checkpoints import load_checkpoint
-
     run_script("video_train.py", "--dataset", "bouncing_balls", "--T", 4, "--max_frames", 4, "--batch_size", 2,
                "--noise_mode", "diffusion_forcing", "--architecture", "df_unet3d", "--causal", "True",
                "--image_size", 16, "--network_size", 16, "--dim_mults", "1,2", "--attn_resolutions", "8,16",

@@ -11,6 +11,7 @@ import dataclasses
 import hashlib
 import json
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -114,8 +115,6 @@ def test_sample_files_are_the_pinned_bytes(tmp_path_factory, case):
 if __name__ == "__main__":
     if sys.argv[1:] != ["--write"]:
         sys.exit("usage: python scripts/test_sample_files_unchanged.py --write  (re-pins every case's hashes)")
-    import tempfile
-
     with tempfile.TemporaryDirectory() as tmp:
         hashes = {case: sample_hashes(Path(tmp), case) for case in CASES}
     PINNED.write_text(json.dumps(hashes, indent=1, sort_keys=True) + "\n")

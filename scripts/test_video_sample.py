@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-
 from conftest import load_script
 
 from improved_diffusion import cli
 from improved_diffusion.checkpoints import load_checkpoint
+from improved_diffusion.data import datasets
 from improved_diffusion.data.datasets import get_dataset
 from improved_diffusion.sampling import run as sampling_run
 from improved_diffusion.sampling.noise_schedules import noise_levels
@@ -420,8 +420,6 @@ def test_a_conditional_checkpoint_samples_with_each_source_of_actions(capsys, tm
                                                                      monkeypatch):
     """The test videos' own actions by default, --actions for every video, --uncond; each source and guidance
     scale has its own folder and is recorded; a folder is never resumed with other conditions."""
-    from improved_diffusion.data.datasets import test_actions
-
     monkeypatch.chdir(tmp_path)
     seen = {}
     real = sampling_run.sample_with_scheme
@@ -431,7 +429,7 @@ def test_a_conditional_checkpoint_samples_with_each_source_of_actions(capsys, tm
         return real(model, diffusion, scheme, videos, generators, progress, conditions=conditions)
 
     monkeypatch.setattr(sampling_run, "sample_with_scheme", spy)
-    other = test_actions("bouncing_balls_actions", 7, T=T, image_size=SIZE).numpy()
+    other = datasets.test_actions("bouncing_balls_actions", 7, T=T, image_size=SIZE).numpy()
     np.save(tmp_path / "other.npy", other.argmax(axis=1))  # as integers: made one-hot again
     common = ["--timestep_respacing", "2", "--use_ddim", "True", "--stop_index", 2]
     folders = {}
@@ -451,7 +449,7 @@ def test_a_conditional_checkpoint_samples_with_each_source_of_actions(capsys, tm
     own, guided_own = seen[1.0][0], seen[3.0][0]
     for conditions in (own, guided_own):
         for b, i in enumerate([0, 1]):  # each video its own actions, over all T frames
-            assert torch.equal(conditions.actions[b], test_actions("bouncing_balls_actions", i, T=T, image_size=SIZE))
+            assert torch.equal(conditions.actions[b], datasets.test_actions("bouncing_balls_actions", i, T=T, image_size=SIZE))
     from_file = seen[1.0][1]
     assert all(torch.equal(a, torch.from_numpy(other)) for a in from_file.actions)
     assert seen[1.0][2].null

@@ -8,13 +8,14 @@ import pytest
 import torch
 from PIL import Image
 
+from improved_diffusion.data import bouncing_balls, bouncing_balls_actions
 from improved_diffusion.evaluation import report
 from improved_diffusion.evaluation.plots import SHADE, frame_strip, nice_ticks, plot_per_frame
+from improved_diffusion.evaluation.video_files import GENERATED_COLOUR, OBSERVED_COLOUR
 from improved_diffusion.sampling.plan_picture import draw_plan
 from improved_diffusion.sampling.plans import plan_stages
 from improved_diffusion.sampling.scheme import Scheme
 from improved_diffusion.script_util import ModelConfig, UserError, create_model
-from improved_diffusion.evaluation.video_files import GENERATED_COLOUR, OBSERVED_COLOUR
 
 
 @pytest.fixture(scope="module")
@@ -176,10 +177,8 @@ def test_markdown_and_html_hold_the_same_content():
 def test_report_shows_the_on_manifold_curve_and_columns(tmp_path):
     """Ground truth as one scheme's samples, noise from frame 4 as the other's: the table has the last-
     quarter fraction and median time to drift (best in bold), and the on-manifold curve is plotted."""
-    from improved_diffusion.data.bouncing_balls import make_video
-
     T = 8
-    truth = [make_video("test", i, T=T, image_size=16).transpose(0, 3, 1, 2) for i in range(2)]
+    truth = [bouncing_balls.make_video("test", i, T=T, image_size=16).transpose(0, 3, 1, 2) for i in range(2)]
     noise = np.random.default_rng(0).integers(0, 256, (T - 4, 3, 16, 16), dtype=np.uint8)
     for name, samples in (("autoreg", truth), ("df-pyramid", [np.concatenate([t[:4], noise]) for t in truth])):
         scheme = Scheme.from_preset(name, T=T, n_obs=2, max_frames=4)
@@ -206,10 +205,9 @@ def test_report_shows_the_on_manifold_curve_and_columns(tmp_path):
 def test_report_states_action_following_and_its_chance(tmp_path):
     """Ground truth with its own actions (score 1) as one scheme, the same videos said to be driven by
     one fixed action file as the other: the table has the scores and the text each scheme's chance."""
-    from improved_diffusion.data.bouncing_balls_actions import make_video
-
     T = 10
-    truth = [make_video("test", i, T=T, image_size=16).transpose(0, 3, 1, 2) for i in range(3)]
+    truth = [bouncing_balls_actions.make_video("test", i, T=T, image_size=16).transpose(0, 3, 1, 2)
+             for i in range(3)]
     np.save(tmp_path / "fixed.npy", np.full(T, 2))
     for name, conditions in (("autoreg", {"actions_source": "dataset"}),
                              ("long-range", {"actions_source": "file", "actions_file": str(tmp_path / "fixed.npy")})):

@@ -7,9 +7,15 @@ import pytest
 import torch
 
 from improved_diffusion.checkpoints import load_checkpoint
+from improved_diffusion.data.datasets import get_dataset
 from improved_diffusion.diffusion import DiffusionConfig, create_diffusion
+from improved_diffusion.errors import ConfigError
 from improved_diffusion.models import DFUNet3D, EnergyModel, ModelConfig, UNetVideoModel, create_model, is_energy_model
 from improved_diffusion.precision import PrecisionModel
+from improved_diffusion.sampling.mcmc import MCMCStats
+from improved_diffusion.sampling.sampler import preview_rollout
+from improved_diffusion.training import launch
+from improved_diffusion.training.config import TrainConfig
 
 SIZE = 8
 ARCHITECTURES = {
@@ -219,13 +225,6 @@ class RecordingLogger:
 
 
 def test_training_previews_of_an_energy_model_refine_and_log_their_acceptance(tmp_path, monkeypatch, one_thread):
-    from improved_diffusion.data.datasets import get_dataset
-    from improved_diffusion.errors import ConfigError
-    from improved_diffusion.sampling.mcmc import MCMCStats
-    from improved_diffusion.sampling.sampler import preview_rollout
-    from improved_diffusion.training import launch
-    from improved_diffusion.training.train_loop import TrainConfig
-
     counted = []
 
     class KeptStats(MCMCStats):  # the counts the preview collected, kept for the test

@@ -13,7 +13,8 @@ from improved_diffusion.diffusion.build import DiffusionConfig, create_diffusion
 from improved_diffusion.models import ModelConfig, UNetConfig, UNetVideoModel, create_model
 from improved_diffusion.sampling.guidance import ClassifierFreeGuidance, Conditions, guided
 from improved_diffusion.sampling.kv_cache import CausalCache
-from improved_diffusion.sampling.sampler import sample_video, video_generator
+from improved_diffusion.sampling.run import prepare_model
+from improved_diffusion.sampling.sampler import preview_rollout, sample_video, video_generator
 from improved_diffusion.sampling.scheme import Scheme
 
 C, H, D = 3, 8, 2
@@ -229,8 +230,6 @@ def test_the_cache_stays_exact_with_conditions():
 
 
 def test_training_previews_drive_the_rollout_with_the_given_actions():
-    from improved_diffusion.sampling.sampler import preview_rollout
-
     model = StandIn()
     diffusion = create_diffusion(DiffusionConfig(diffusion_steps=100, timestep_respacing="2"))
     frames = preview_rollout(model, diffusion, rollout_videos(B=1)[0, :2], 8, 4, actions=index_actions(1, 8)[0])
@@ -242,8 +241,6 @@ def test_training_previews_drive_the_rollout_with_the_given_actions():
 def test_guided_per_video_calls_equal_batched_calls():
     """--batch_invariant True with guidance: each video's [conditional; null] pair through its own cached calls
     (float64, where batch-size dependent kernels agree to rounding)."""
-    from improved_diffusion.sampling.run import prepare_model
-
     model = random_unet(causal=True, dtype=torch.float64, cond_dim=D, null_cond=True)
     torch.set_default_dtype(torch.float64)  # the sampler draws its noise in the default dtype
     try:

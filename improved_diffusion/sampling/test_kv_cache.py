@@ -13,6 +13,7 @@ import torch
 from improved_diffusion.diffusion.build import DiffusionConfig, create_diffusion
 from improved_diffusion.models.unet import UNetConfig, UNetVideoModel
 from improved_diffusion.sampling.kv_cache import CausalCache, supports_cache
+from improved_diffusion.sampling.run import prepare_model
 from improved_diffusion.sampling.sampler import sample_video, video_generator
 from improved_diffusion.sampling.scheme import PRESETS, Scheme
 
@@ -139,8 +140,6 @@ def test_only_causal_unets_are_cached():
 
 
 def test_sampling_runs_use_the_cache_by_default_for_causal_unets_only(capsys):
-    from improved_diffusion.sampling.run import prepare_model
-
     causal, plain = random_unet(causal=True), random_unet(causal=False)
     assert isinstance(prepare_model(causal, "cpu"), CausalCache)
     assert prepare_model(causal, "cpu", kv_cache=False) is causal
