@@ -4,29 +4,23 @@ A plan gives stages (observed frame indices, latent frame indices). Each stage s
 model its frames (observed first, then latent, FDM's layout) and denoises the latent ones
 along the stage's noise-level matrix (rows = states, columns = latent frames, levels 0..S
 with S = pure noise; see noise_schedules.py). Levels map to the diffusion's (respaced)
-timesteps as Diffusion Forcing maps them. Per row transition (one model call):
+timesteps as Diffusion Forcing maps them. Per row transition (one model call), `run_rows`:
 
-- latent frames whose level does not change are left untouched, bit for bit;
-- latent frames that already reached level 0 are shown to the model as observed frames;
-- observed frames are told the largest timestep being denoised, so `full_sequence` with
-  S = the diffusion's step count is exactly FDM's sampler (`p_sample_loop` /
-  `ddim_sample_loop` on the stage);
-- with `stabilization_level` k > 0, observed frames are shown at timestep k - 1 of the
-  training chain and told that timestep (Diffusion Forcing's stabilization, in its units).
-  Their stored pixels never change. Two variants (`StageSettings.stabilization`):
+- latent frames whose level does not change are left untouched, bit for bit (a row where no level
+  changes is skipped);
+- the stage's update rule (stage_updates.py, `StageSettings.stabilization`) says what the model is
+  shown and how the moving frames are updated: "generated" (ours, the default) is the diffusion's own
+  `ddim_step` / `p_sample`, with latent frames that reached level 0 shown as observed frames and
+  observed frames told the largest timestep being denoised, so `full_sequence` with S = the
+  diffusion's step count is exactly FDM's sampler; "df" is Diffusion Forcing's `sample_step`
+  (df_step.py). With `stabilization_level` k > 0 context frames are shown at timestep k - 1 of the
+  training chain and told that timestep (DF's stabilization): "generated" only the frames the model
+  generated, noised with fresh noise; "df" every context frame, given ones included. Their stored
+  pixels never change;
+- with `mcmc_steps` > 0, the frames that moved and are still noisy are refined (mcmc.py).
 
-  - "generated" (ours, the default): only observed frames that the model generated earlier,
-    and latent frames finished earlier in the stage, are stabilized, each noised with fresh
-    noise by q_sample; given frames stay clean. The update is the diffusion's own
-    (`ddim_step` / `p_sample`), so level 0 is exactly FDM's sampler.
-  - "df" (Diffusion Forcing's `Diffusion.sample_step`, the df-* presets): EVERY observed frame,
-    given ones included, and every finished frame is stabilized; with DDIM it is shown as
-    sqrt(alpha_bar) * x with ZERO noise (DF's DDIM path), without DDIM noised with fresh noise
-    (DF's DDPM path). The update is DF's (df_step.py): a pred_noise output and every noise draw
-    are clamped to +-clip_noise, x0_hat is clipped only with clip_denoised. Needs k >= 1.
-
-- `clip_noise` > 0 clamps each stage's initial noise (and the sampler's other Gaussian draws)
-  to +-clip_noise, as DF does.
+`clip_noise` > 0 clamps each stage's initial noise (and the sampler's other Gaussian draws)
+to +-clip_noise, as DF does.
 
 Without DDIM every transition is one ancestral (DDPM) step, so a schedule with fewer
 levels than the diffusion has steps needs DDIM.
@@ -35,7 +29,9 @@ levels than the diffusion has steps needs DDIM.
 trajectory of another codebase (e.g. DF's chunk noise) can be reproduced.
 
 Randomness comes from one torch.Generator per video, used only for that video's noise, so a
-video's sample does not depend on which other videos share its batch (or rank).
+video's sample does not depend on which other videos share its batch (or rank). A video's draws come
+in a fixed order: the stage's initial noise (unless given), then per row the context noise, the step noise and
+MCMC's draws (stage_updates.py).
 
 Conditions (`conditions`, a guidance.Conditions): each model call gets, per stage slot, the vector
 of the frame the slot holds (its action), and each video's label. `StageSettings.guidance_scale`
@@ -55,7 +51,9 @@ from ..frame_batch import gather_frames
 from . import df_step, mcmc
 from .guidance import Conditions, guided
 from .noise_schedules import levels_to_timesteps, noise_levels
-from .scheme import Scheme, check_settings
+from .scheme import Scheme
+from .settings import check_settings
+from .stage_updates import UPDATE_RULES, StageSlots
 
 
 def stabilization_timestep(diffusion, level):
@@ -82,7 +80,7 @@ def stage_levels(settings, num_latent, num_timesteps):
     """The integer noise-level matrix [rows x num_latent] of one stage, and its S."""
     S = settings.sampling_steps or num_timesteps
     try:
-        return np.asarray(noise_levels(settings.noise_schedule, num_latent, S, settings.uncertainty_scale)), S
+        return np.asarray(noise_levels(settings.scheduling_matrix, num_latent, S, settings.uncertainty_scale)), S
     except ScheduleError as e:
         raise ConfigError(str(e)) from None
 
@@ -157,163 +155,83 @@ def sample_stage(model, diffusion, videos, obs_lists, latent_lists, settings, ge
     counts = [o + l for o, l in zip(n_obs, n_lat)]
     levels, S = stage_levels(settings, max(n_lat), diffusion.num_timesteps)
     timesteps = levels_to_timesteps(levels, S, diffusion.num_timesteps)
-
-    # Column j of the matrix drives the j-th latent frame of every video.
-    column = torch.full((B, K), -1, dtype=torch.long)
-    for b in range(B):
-        column[b, n_obs[b]: counts[b]] = torch.arange(n_lat[b])
-    is_latent = column >= 0
-    is_obs = obs_mask.view(B, K).bool().cpu()
-    stabilized = torch.zeros(B, K, dtype=torch.bool)  # observed slots holding frames the model generated
-    if settings.stabilization_level and generated is not None:
-        for b in range(B):
-            stabilized[b, : n_obs[b]] = generated[b, torch.tensor(obs_lists[b], dtype=torch.long)].cpu()
-    stab_t = stabilization_timestep(diffusion, settings.stabilization_level)
-
-    def per_slot(row):
-        return torch.where(is_latent, timesteps[row][column.clamp(min=0)], torch.full_like(column, -1))
-
-    def as_mask(flags):
-        return flags.view(B, K, 1, 1, 1).to(device)
-
-    clip_noise = settings.clip_noise
+    slots = StageSlots(x0, frame_indices, obs_mask.view(B, K).bool().cpu(), latent_columns(n_obs, n_lat, K),
+                       condition_kwargs)
+    generated_obs = observed_generated(generated if settings.stabilization_level else None, obs_lists, K)
+    rule = UPDATE_RULES[settings.stabilization](
+        diffusion, settings, slots, stabilization_timestep(diffusion, settings.stabilization_level), generated_obs)
 
     def noise_like():
-        return df_step.clamp_noise(draw_noise(x0.shape, counts, generators, device), clip_noise)
+        return df_step.clamp_noise(draw_noise(x0.shape, counts, generators, device), settings.clip_noise)
 
-    if initial_noise is None:
-        start = noise_like()
-    else:
-        if tuple(initial_noise.shape) != (B, max(n_lat), *x0.shape[2:]):
-            raise ValueError(f"initial_noise must be [B x latent frames x C x H x W] = "
-                             f"{[B, max(n_lat), *x0.shape[2:]]}, got {list(initial_noise.shape)}.")
-        start = torch.zeros_like(x0)
-        for b in range(B):
-            start[b, n_obs[b]: counts[b]] = initial_noise[b, : n_lat[b]].to(device, x0.dtype)
-    x = torch.where(latent_mask.bool(), start, x0)
+    x = torch.where(latent_mask.bool(), starting_noise(initial_noise, noise_like, x0, n_obs, n_lat), x0)
     mcmc_options = dict(steps=settings.mcmc_steps, step_size=settings.mcmc_step_size, noise=settings.mcmc_noise,
                         clamp=settings.mcmc_clamp, normal_fn=noise_like,
                         uniform_fn=lambda: draw_uniform(B, K, counts, generators, device), stats=mcmc_stats)
-    if settings.stabilization == "df":
-        return finish_stage(videos, latent_lists, n_obs, generated,
-                            df_stage_loop(model, diffusion, x, x0, frame_indices, is_obs, is_latent, column,
-                                          timesteps, settings, stab_t, noise_like, callback, condition_kwargs,
-                                          mcmc_options))
-    def model_inputs(x, t_state, active, stab_noise):
-        """(t_model, model kwargs) of a call on the slots x at timesteps t_state [B x K] (-1: clean or not
-        latent) that denoises (or refines) the latent frames `active`."""
-        done = is_latent & (t_state < 0)  # finished earlier in this stage: condition on it
-        current = int(t_state[active].max())
-        t_model = torch.where(is_latent & ~done, t_state, torch.full_like(t_state, current))
-        shown = torch.where(as_mask(done), x, x0)
-        if settings.stabilization_level:
-            noisy = stabilized | done
-            t_model = torch.where(noisy, torch.full_like(t_model, stab_t), t_model)
-            t_noisy = torch.full((B, K), stab_t, dtype=torch.long, device=device)
-            shown = diffusion.q_sample(shown, t_noisy, stab_noise, latent_mask=as_mask(noisy))
-        kwargs = {
-            "x0": shown,
-            "frame_indices": frame_indices,
-            "obs_mask": as_mask(is_obs | done).float(),
-            "latent_mask": as_mask(is_latent & ~done).float(),
-            **condition_kwargs,
-        }
-        return t_model, kwargs
-
-    for m in range(len(timesteps) - 1):
-        t_from, t_to = per_slot(m), per_slot(m + 1)
-        moving = is_latent & (t_to != t_from)
-        if not moving.any():
-            continue
-        stab_noise = noise_like() if settings.stabilization_level else None
-        t_model, kwargs = model_inputs(x, t_from, moving, stab_noise)
-        move_mask = as_mask(moving).float()
-        t_model_dev = t_model.to(device)
-        if settings.use_ddim:
-            step_noise = noise_like() if settings.eta > 0 else None
-            t_next = torch.where(moving, t_to, t_model).to(device)
-            out = diffusion.ddim_step(model, x, t_model_dev, t_next, settings.clip_denoised, model_kwargs=kwargs,
-                                      latent_mask=move_mask, eta=settings.eta, noise=step_noise)
-        else:  # check_settings guarantees that every moving frame drops exactly one step
-            step_noise = noise_like()
-            out = diffusion.p_sample(model, x, t_model_dev, settings.clip_denoised, model_kwargs=kwargs,
-                                     latent_mask=move_mask, noise=step_noise)
-        previous, x = x, out["sample"]
-        refined = moving & (t_to >= 0)  # MCMC: frames that moved and are still noisy, at their new level
-        if settings.mcmc_steps and refined.any():
-            t_after = torch.where(moving, t_to, t_from)
-            t_mcmc, mcmc_kwargs = model_inputs(x, t_after, refined, stab_noise)  # the same context noise
-            x = mcmc.refine(model, diffusion, x, t_mcmc, mcmc_kwargs, refined, **mcmc_options)
-        if callback is not None:
-            callback({"row": m, "previous": previous, "x": x, "t_from": t_from, "t_to": t_to, "t_model": t_model,
-                      "pred_xstart": out["pred_xstart"]})
+    x = run_rows(model, diffusion, rule, timesteps, x, noise_like, callback, mcmc_options)
     return finish_stage(videos, latent_lists, n_obs, generated, x)
 
 
-def df_stage_loop(model, diffusion, x, x0, frame_indices, is_obs, is_latent, column, timesteps, settings, stab_t,
-                  noise_like, callback, condition_kwargs=None, mcmc_options=None):
-    """The rows of one stage with Diffusion Forcing's `sample_step` (stabilization "df"); returns the final x.
+def latent_columns(n_obs, n_lat, K):
+    """[B x K]: column j of a stage's noise-level matrix drives the j-th latent frame of every video; -1 elsewhere."""
+    column = torch.full((len(n_obs), K), -1, dtype=torch.long)
+    for b, (o, l) in enumerate(zip(n_obs, n_lat)):
+        column[b, o: o + l] = torch.arange(l)
+    return column
 
-    Per row, as DF's `ddim_sample_step` / `ddpm_sample_step`: every frame at level -1 (observed
-    slots, padding, latent frames finished earlier in the stage) is context, shown at timestep
-    stab_t (k - 1) as sqrt(alpha_bar) * x (DDIM: zero noise; DDPM: plus fresh noise); every other
-    frame is shown as it is at its own timestep; frames whose timestep changes get DF's update,
-    all others keep their values exactly. The shown values go to the network both as x and as x0
-    (with obs_mask marking the context), so a network reading either sees DF's input.
-    condition_kwargs: the stage's cond / y / drop_cond model arguments (Conditions.model_kwargs).
-    mcmc_options: mcmc.refine's options (settings.mcmc_steps > 0): after each row, the frames that moved
-    and are still noisy are refined with the context shown as the row showed it.
+
+def observed_generated(generated, obs_lists, K):
+    """bool [B x K]: the observed slots holding frames the model generated (generated: bool [B x T], or None)."""
+    flags = torch.zeros(len(obs_lists), K, dtype=torch.bool)
+    if generated is not None:
+        for b, obs in enumerate(obs_lists):
+            flags[b, : len(obs)] = generated[b, torch.tensor(obs, dtype=torch.long)].cpu()
+    return flags
+
+
+def starting_noise(initial_noise, noise_like, x0, n_obs, n_lat):
+    """The latent slots' starting noise, like x0: `initial_noise` [B x max latent x C x H x W] placed in
+    the slots, or (None) noise_like()."""
+    if initial_noise is None:
+        return noise_like()
+    B = x0.shape[0]
+    if tuple(initial_noise.shape) != (B, max(n_lat), *x0.shape[2:]):
+        raise ValueError(f"initial_noise must be [B x latent frames x C x H x W] = "
+                         f"{[B, max(n_lat), *x0.shape[2:]]}, got {list(initial_noise.shape)}.")
+    start = torch.zeros_like(x0)
+    for b in range(B):
+        start[b, n_obs[b]: n_obs[b] + n_lat[b]] = initial_noise[b, : n_lat[b]].to(x0.device, x0.dtype)
+    return start
+
+
+def run_rows(model, diffusion, rule, timesteps, x, noise_like, callback=None, mcmc_options=None):
+    """The rows of one stage (timestep matrix `timesteps`, rows = states) on the slots x; returns the final x.
+
+    rule: the stage's update rule (stage_updates.py), whose slots x holds. Per row transition in which
+    some latent frame's timestep changes (rows where none does are skipped: DF calls the network there
+    too, but changes no frame): the rule's context noise, model inputs, step noise and update, in that
+    order; then, with mcmc_options["steps"] > 0 (mcmc.refine's options), the frames that moved and are
+    still noisy are refined at their new level with the context shown as the row showed it; then the
+    callback (see `sample_stage`).
     """
-    B, K = column.shape
-    device = x.device
-
-    def per_slot(row):
-        return torch.where(is_latent, timesteps[row][column.clamp(min=0)], torch.full_like(column, -1))
-
-    def as_mask(flags):
-        return flags.view(B, K, 1, 1, 1).to(device)
-
-    t_stab = torch.full((B, K), stab_t, dtype=torch.long, device=device)
-
-    def model_inputs(x, t_state, context_noise):
-        """(shown slots, t_model, model kwargs) of a call on the slots x at timesteps t_state [B x K] (-1: context)."""
-        context = t_state < 0  # observed slots, padding and frames finished in this stage
-        t_model = torch.where(context, torch.full_like(t_state, stab_t), t_state)
-        shown = torch.where(as_mask(context), df_step.show_context(diffusion, x, t_stab, context_noise), x)
-        kwargs = {
-            "x0": shown,
-            "frame_indices": frame_indices,
-            "obs_mask": as_mask(context & (is_obs | is_latent)).float(),
-            "latent_mask": as_mask(~context).float(),
-            **(condition_kwargs or {}),
-        }
-        return shown, t_model, kwargs
-
+    slots = rule.slots
     for m in range(len(timesteps) - 1):
-        t_from, t_to = per_slot(m), per_slot(m + 1)
-        moving = is_latent & (t_to != t_from)
+        t_from, t_to = slots.at_row(timesteps[m]), slots.at_row(timesteps[m + 1])
+        moving = slots.is_latent & (t_to != t_from)
         if not moving.any():
-            continue  # DF calls the network here too, but changes no frame
-        context_noise = None if settings.use_ddim else noise_like()
-        shown, t_model, kwargs = model_inputs(x, t_from, context_noise)
-        t_model_dev = t_model.to(device)
-        if settings.use_ddim:
-            step_noise = noise_like() if settings.eta > 0 else None
-            update, pred_xstart = df_step.ddim_step(
-                diffusion, model, shown, t_model_dev, torch.where(moving, t_to, t_model).to(device), kwargs,
-                eta=settings.eta, clip_noise=settings.clip_noise, clip_denoised=settings.clip_denoised,
-                noise=step_noise)
-        else:  # check_settings guarantees that every moving frame drops exactly one step
-            update, pred_xstart = df_step.ddpm_step(
-                diffusion, model, shown, t_model_dev, kwargs, noise_like(), clip_noise=settings.clip_noise,
-                clip_denoised=settings.clip_denoised)
-        previous, x = x, torch.where(as_mask(moving), update, x)
+            continue
+        context_noise = rule.context_noise(noise_like)
+        shown, t_model, kwargs = rule.model_inputs(x, t_from, moving, context_noise)
+        step_noise = rule.step_noise(noise_like)
+        new_x, pred_xstart = rule.update(model, x, shown, t_model, torch.where(moving, t_to, t_model), moving,
+                                         kwargs, step_noise)
+        previous, x = x, new_x
         refined = moving & (t_to >= 0)  # MCMC: frames that moved and are still noisy, at their new level
         if mcmc_options and mcmc_options["steps"] and refined.any():
-            shown_now, t_mcmc, mcmc_kwargs = model_inputs(x, torch.where(moving, t_to, t_from), context_noise)
-            refined_slots = mcmc.refine(model, diffusion, shown_now, t_mcmc.to(device), mcmc_kwargs, refined,
-                                        **mcmc_options)
-            x = torch.where(as_mask(refined), refined_slots, x)
+            shown_now, t_mcmc, mcmc_kwargs = rule.model_inputs(x, torch.where(moving, t_to, t_from), refined,
+                                                               context_noise)
+            refined_slots = mcmc.refine(model, diffusion, shown_now, t_mcmc, mcmc_kwargs, refined, **mcmc_options)
+            x = torch.where(slots.as_mask(refined), refined_slots, x)
         if callback is not None:
             callback({"row": m, "previous": previous, "x": x, "t_from": t_from, "t_to": t_to, "t_model": t_model,
                       "pred_xstart": pred_xstart})

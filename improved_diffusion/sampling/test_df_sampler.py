@@ -19,7 +19,7 @@ from improved_diffusion.checkpoints import load_checkpoint
 from improved_diffusion.diffusion import DiffusionConfig, create_diffusion
 from improved_diffusion.sampling import df_step
 from improved_diffusion.sampling.plans import sampling_schemes
-from improved_diffusion.sampling.run import sampler_defaults
+from improved_diffusion.sampling.request import sampler_defaults
 from improved_diffusion.sampling.sampler import sample_stage, sample_video
 from improved_diffusion.sampling.scheme import Scheme, StageSettings
 
@@ -87,7 +87,7 @@ def diffusion_for(objective):
 
 
 def df_settings(**overrides):
-    return StageSettings(**{**dict(noise_schedule="pyramid", sampling_steps=S, stabilization_level=STAB, use_ddim=True,
+    return StageSettings(**{**dict(scheduling_matrix="pyramid", sampling_steps=S, stabilization_level=STAB, use_ddim=True,
                                    clip_denoised=False, stabilization="df", clip_noise=6.0), **overrides})
 
 
@@ -144,7 +144,7 @@ def test_df_shows_every_context_frame_scaled_without_noise_at_level_minus_one():
     xs, _ = inputs()
     spy = Spy()
     sample_stage(spy, diffusion, xs.clone(), [[0, 1]] * B, [[2, 3]] * B,
-                 StageSettings(noise_schedule="autoregressive", sampling_steps=4, use_ddim=True, stabilization="df",
+                 StageSettings(scheduling_matrix="autoregressive", sampling_steps=4, use_ddim=True, stabilization="df",
                                stabilization_level=5))
     scale = float(np.sqrt(diffusion.alphas_cumprod[4]))
     for call in spy.calls:  # given frames: timestep k - 1, sqrt(alpha_bar) * x, no noise
@@ -161,7 +161,7 @@ def test_df_ancestral_shows_context_with_fresh_clamped_noise():
     spy = Spy()
     torch.manual_seed(0)
     sample_stage(spy, diffusion, xs.clone(), [[0, 1]] * B, [[2, 3]] * B,
-                 StageSettings(noise_schedule="autoregressive", use_ddim=False, stabilization="df",
+                 StageSettings(scheduling_matrix="autoregressive", use_ddim=False, stabilization="df",
                                stabilization_level=5, clip_noise=1.5, clip_denoised=False))
     ab = float(diffusion.alphas_cumprod[4])
     noises = [(c["x0"][:, :2] - np.sqrt(ab) * xs[:, :2]) / np.sqrt(1 - ab) for c in spy.calls]
@@ -196,7 +196,7 @@ def test_df_clip_denoised_reaches_both_updates(use_ddim):
 
     def run(clip):
         torch.manual_seed(0)
-        settings = StageSettings(noise_schedule="pyramid", use_ddim=use_ddim, stabilization="df",
+        settings = StageSettings(scheduling_matrix="pyramid", use_ddim=use_ddim, stabilization="df",
                                  stabilization_level=3, clip_denoised=clip, sampling_steps=10 if use_ddim else 0)
         return ours(net, diffusion, xs, inits, settings)
 
@@ -218,7 +218,7 @@ def test_df_clip_noise_clamps_the_networks_noise_prediction(use_ddim):
 
     def run(model, clip_noise):
         torch.manual_seed(0)
-        settings = StageSettings(noise_schedule="pyramid", use_ddim=use_ddim, stabilization="df", stabilization_level=3,
+        settings = StageSettings(scheduling_matrix="pyramid", use_ddim=use_ddim, stabilization="df", stabilization_level=3,
                                  clip_denoised=False, clip_noise=clip_noise, sampling_steps=10 if use_ddim else 0)
         return ours(model, diffusion, xs, inits, settings)
 
@@ -289,7 +289,7 @@ def test_dfs_fixture_rollout():
     assert np.abs(diffusion.alphas_cumprod - ref["alphas_cumprod"].double().numpy()).max() < 1e-6
     scheme = Scheme.from_preset("df-pyramid", T=10, n_obs=2, max_frames=6, max_latent_frames=2,
                                 **sampler_defaults(config))
-    assert scheme.stage == StageSettings(noise_schedule="pyramid", sampling_steps=10, stabilization_level=15,
+    assert scheme.stage == StageSettings(scheduling_matrix="pyramid", sampling_steps=10, stabilization_level=15,
                                          use_ddim=True, eta=0.0, clip_denoised=False, stabilization="df",
                                          clip_noise=6.0)
     videos = ref["xs"].transpose(0, 1).contiguous()  # DF's frames-first -> ours

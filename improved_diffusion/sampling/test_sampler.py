@@ -12,8 +12,10 @@ from improved_diffusion.sampling import noise_schedules as ns
 from improved_diffusion.sampling.noise_schedules import levels_to_timesteps
 from improved_diffusion.sampling.plans import Stage, plan_stages, sampling_schemes
 from improved_diffusion.sampling.scheme import Scheme, StageSettings
+from improved_diffusion.sampling.stage_updates import StageSlots
 from improved_diffusion.script_util import DiffusionConfig, ModelConfig, UserError, create_diffusion, create_model
 from improved_diffusion.sampling.sampler import (
+    run_rows,
     sample_stage,
     stage_levels,
     one_video_at_a_time,
@@ -125,7 +127,7 @@ def test_schedule_mechanics(monkeypatch, schedule, use_ddim):
     steps = []
     videos = random_videos(1, 6)
     out = videos.clone()
-    settings = StageSettings(noise_schedule=schedule, uncertainty_scale=u, sampling_steps=S, use_ddim=use_ddim)
+    settings = StageSettings(scheduling_matrix=schedule, uncertainty_scale=u, sampling_steps=S, use_ddim=use_ddim)
     sample_stage(Spy(), diffusion, out, [[0, 1]], [[2, 3, 4, 5]], settings, callback=steps.append)
 
     # The stage runs exactly the matrix that noise_schedules returns, row by row.
@@ -153,8 +155,8 @@ def test_skipping_steps_without_ddim_is_a_user_error():
     videos = random_videos(1, 4)
     with pytest.raises(UserError, match="only DDIM"):
         sample_stage(spy, diffusion_with(respacing="4"), videos, [[0]], [[1, 2]], StageSettings(sampling_steps=2))
-    for bad in (StageSettings(sampling_steps=5), StageSettings(noise_schedule="nope"),
-                StageSettings(noise_schedule="pyramid", uncertainty_scale=-1), StageSettings(stabilization_level=101)):
+    for bad in (StageSettings(sampling_steps=5), StageSettings(scheduling_matrix="nope"),
+                StageSettings(scheduling_matrix="pyramid", uncertainty_scale=-1), StageSettings(stabilization_level=101)):
         with pytest.raises(UserError):
             sample_stage(spy, diffusion_with(respacing="4"), videos, [[0]], [[1, 2]], bad)
     assert spy.calls == []  # refused before any model call
@@ -170,7 +172,7 @@ def test_known_frames_are_never_modified(stabilization, use_ddim):
     T, n_obs = 12, 2
     videos = random_videos(2, T)
     plan = sampling_schemes["hierarchy-2"](video_length=T, num_obs=n_obs, max_frames=6, step_size=3)
-    settings = StageSettings(noise_schedule="pyramid", stabilization_level=5, stabilization=stabilization,
+    settings = StageSettings(scheduling_matrix="pyramid", stabilization_level=5, stabilization=stabilization,
                              use_ddim=use_ddim, clip_noise=2.0 if stabilization == "df" else 0.0)
     last = {}
 
@@ -225,7 +227,7 @@ def test_stabilization_marks_frames_finished_within_a_stage():
     diffusion = diffusion_with(respacing="", rescale=False)
     spy = Spy()
     sample_stage(spy, diffusion, random_videos(1, 3), [[0]], [[1, 2]],
-                 StageSettings(noise_schedule="autoregressive", stabilization_level=3))
+                 StageSettings(scheduling_matrix="autoregressive", stabilization_level=3))
     late = [c for c in spy.calls if c["obs_mask"][0, 1] == 1]  # frame 1 done, frame 2 still denoising
     assert len(late) == diffusion.num_timesteps
     assert all(c["t"][0, 1] == 2 and c["latent_mask"][0, 1] == 0 for c in late)
@@ -364,7 +366,7 @@ def test_one_video_at_a_time_wraps_each_slot_once_and_passes_other_arguments_who
 def test_the_stage_runs_the_rows_of_its_uncertainty_scale(u):
     """One model call per row change of the pyramid matrix with this uncertainty scale."""
     spy = Spy()
-    settings = StageSettings(noise_schedule="pyramid", uncertainty_scale=u, sampling_steps=5, use_ddim=True)
+    settings = StageSettings(scheduling_matrix="pyramid", uncertainty_scale=u, sampling_steps=5, use_ddim=True)
     sample_stage(spy, diffusion_with(respacing=""), random_videos(1, 6), [[0, 1]], [[2, 3, 4, 5]], settings)
     rows = ns.noise_levels("pyramid", 4, 5, u)
     assert len(spy.calls) == len(rows) - 1 != len(ns.noise_levels("pyramid", 4, 5, 1.0)) - 1
@@ -383,7 +385,7 @@ def test_batch_composition_does_not_change_a_video(unet):
 
     def run(batch):
         plan = sampling_schemes["autoreg"](video_length=6, num_obs=2, max_frames=4, step_size=2)
-        settings = StageSettings(noise_schedule="pyramid")
+        settings = StageSettings(scheduling_matrix="pyramid")
         return sample_video(one_video_at_a_time(unet), diffusion, videos[batch], 2, plan, settings,
                             generators=[video_generator(0, 0, i) for i in batch])
 
@@ -394,7 +396,7 @@ def test_batch_composition_does_not_change_a_video(unet):
 def test_scheme_sampling_equals_driving_the_stage_sampler_by_hand(unet):
     """sample_with_scheme (what sample_dataset and previews run) equals sample_stage called stage by stage."""
     diffusion = diffusion_with(respacing="3")
-    scheme = Scheme.from_preset("hierarchy-2", T=8, max_frames=4, noise_schedule="pyramid", stabilization_level=5)
+    scheme = Scheme.from_preset("hierarchy-2", T=8, max_frames=4, scheduling_matrix="pyramid", stabilization_level=5)
     videos = random_videos(2, 8)
     got = sample_with_scheme(unet, diffusion, scheme, videos, [video_generator(7, 0, i) for i in range(2)])
 
@@ -424,8 +426,83 @@ def test_preview_rollout_is_autoreg_with_ddim_from_the_given_frames(unet, n_give
 
 
 def test_a_schedule_the_noise_levels_refuse_is_a_user_error_with_their_message():
-    settings = StageSettings(noise_schedule="full_sequence", uncertainty_scale=float("nan"))
+    settings = StageSettings(scheduling_matrix="full_sequence", uncertainty_scale=float("nan"))
     with pytest.raises(UserError, match=r"^uncertainty_scale must be a finite number >= 0, got nan\.$"):
         stage_levels(settings, 3, 100)
-    levels, S = stage_levels(StageSettings(noise_schedule="full_sequence"), 3, 100)
+    levels, S = stage_levels(StageSettings(scheduling_matrix="full_sequence"), 3, 100)
     assert S == 100 and np.array_equal(levels, ns.noise_levels("full_sequence", 3, 100, 1.0))
+
+
+# ---------- the stage loop and its update rules
+
+
+class RecordingRule:
+    """An update rule that records what the stage loop asks of it, in order; its update moves frames by -1."""
+
+    def __init__(self, slots):
+        self.slots, self.log = slots, []
+
+    def context_noise(self, noise_like):
+        self.log.append("context_noise")
+        return "context"
+
+    def model_inputs(self, x, t_state, active, noise):
+        self.log.append(("model_inputs", noise, active.tolist()))
+        return x + 100, t_state.clamp(min=0), {"shown": x + 100}
+
+    def step_noise(self, noise_like):
+        self.log.append("step_noise")
+        return "step"
+
+    def update(self, model, x, shown, t_model, t_next, moving, kwargs, noise):
+        self.log.append(("update", noise, t_next.tolist()))
+        assert torch.equal(shown, kwargs["shown"])
+        return torch.where(self.slots.as_mask(moving), x - 1, x), shown
+
+
+def test_the_stage_loop_asks_its_rule_row_by_row_and_skips_rows_where_nothing_moves():
+    slots = StageSlots(torch.zeros(1, 3, 1, 1, 1), torch.tensor([[0, 1, 2]]), torch.tensor([[True, False, False]]),
+                       torch.tensor([[-1, 0, 1]]), {})
+    rule = RecordingRule(slots)
+    timesteps = torch.tensor([[3, 3], [2, 3], [2, 3], [-1, 2], [-1, -1]])
+    steps = []
+    x = run_rows(None, None, rule, timesteps, torch.zeros(1, 3, 1, 1, 1), None, steps.append)
+    assert [s["row"] for s in steps] == [0, 2, 3]  # row 1 -> 2 changes no level
+    assert all(list(s) == ["row", "previous", "x", "t_from", "t_to", "t_model", "pred_xstart"] for s in steps)
+    moving = [[False, True, False], [False, True, True], [False, False, True]]
+    expected = []
+    for row, m in zip([0, 2, 3], moving):
+        t_next = torch.where(torch.tensor([m]), slots.at_row(timesteps[row + 1]),
+                             slots.at_row(timesteps[row]).clamp(min=0))
+        expected += ["context_noise", ("model_inputs", "context", [m]), "step_noise",
+                     ("update", "step", t_next.tolist())]
+    assert rule.log == expected
+    assert x.flatten().tolist() == [0, -2, -2]
+    assert torch.equal(steps[1]["t_from"], torch.tensor([[-1, 2, 3]]))
+    assert torch.equal(steps[1]["pred_xstart"], steps[1]["previous"] + 100)
+
+
+@pytest.mark.parametrize("use_ddim, eta", [(False, 0.0), (True, 0.0), (True, 0.5)])
+@pytest.mark.parametrize("stabilization, k", [("generated", 0), ("generated", 5), ("df", 5)])
+def test_each_row_draws_its_context_noise_then_its_step_noise(stabilization, k, use_ddim, eta):
+    """A video's generator gives the stage's initial noise, then per row the context noise (ours: with
+    stabilization; DF's: on its ancestral path, whose context is shown with fresh noise) and then the step
+    noise (DDPM, or DDIM with eta > 0). Ours shows its generated observed frames noised with the row's
+    context noise; every sample depends on this order."""
+    diffusion = diffusion_with(respacing="", rescale=False)
+    videos, spy = random_videos(1, 4), Spy()
+    settings = StageSettings(stabilization=stabilization, stabilization_level=k, use_ddim=use_ddim, eta=eta,
+                             sampling_steps=0 if not use_ddim else 4)
+    generator = torch.Generator().manual_seed(3)
+    generated = torch.tensor([[False, True, False, False]])
+    sample_stage(spy, diffusion, videos.clone(), [[0, 1]], [[2, 3]], settings, generated, [generator])
+    context = k > 0 if stabilization == "generated" else not use_ddim
+    step = not use_ddim or eta > 0
+    replay = torch.Generator().manual_seed(3)
+    draws = [torch.randn(4, C, H, H, generator=replay) for _ in range(1 + len(spy.calls) * (context + step))]
+    assert torch.equal(generator.get_state(), replay.get_state())
+    if stabilization == "generated" and k:
+        for n, call in enumerate(spy.calls):  # observed frame 1 is generated: shown noised with the row's draw
+            t = torch.full((1, 4), k - 1)
+            noisy = diffusion.q_sample(videos[:, [0, 1, 2, 3]], t, draws[1 + n * (1 + step)][None])
+            assert torch.equal(call["x0"][0, 1], noisy[0, 1]) and torch.equal(call["x0"][0, 0], videos[0, 0])
