@@ -77,10 +77,10 @@ from improved_diffusion.diffusion.build import NOISE_SCHEDULES  # noqa: E402
 from improved_diffusion.diffusion.loss_weights import LOSS_WEIGHTINGS  # noqa: E402
 from improved_diffusion.models import ModelConfig  # noqa: E402
 from improved_diffusion.precision import PRECISIONS  # noqa: E402
+from improved_diffusion.training.config import ON_BAD_VIDEO, TrainConfig  # noqa: E402
 from improved_diffusion.training.frame_masks import NOISE_MODES  # noqa: E402
 from improved_diffusion.training.launch import train  # noqa: E402
 from improved_diffusion.training.timestep_sampler import SCHEDULE_SAMPLERS  # noqa: E402
-from improved_diffusion.training.train_loop import ON_BAD_VIDEO, TrainConfig  # noqa: E402
 
 
 def create_argparser():

@@ -6,7 +6,8 @@ rename; object stores such as gs:// make a blob visible only when its upload com
 A step is *complete* when all of its files exist, so `kill -9` at any moment leaves the
 newest complete step loadable and a half-written file is never picked. `config.json`
 holds the run's configuration from its start, so a run can be resumed even before its
-first checkpoint. Paths may be local or blobfile URLs (gs://, az://).
+first checkpoint. `read_step` reads a complete step back for a resume (our files or FDM's).
+Paths may be local or blobfile URLs (gs://, az://).
 """
 
 import io
@@ -17,6 +18,9 @@ import tempfile
 
 import blobfile as bf
 import torch
+
+from ..checkpoints import read_checkpoint_file, read_model_checkpoint
+from ..errors import CheckpointError
 
 MODEL_RE = re.compile(r"^model(\d+)\.pt$")
 TMP_PREFIX = ".tmp-"
@@ -67,6 +71,17 @@ def atomic_save(obj, path):
     atomic_write_bytes(buffer.getvalue(), path)
 
 
+def to_cpu(obj):
+    """A copy of a nested dict/list of tensors with every tensor on the CPU."""
+    if torch.is_tensor(obj):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_cpu(v) for v in obj)
+    return obj
+
+
 def step_files(run_dir, step, ema_rates):
     """Every file of one checkpoint step, in the order they are written."""
     names = [f"ema_{rate}_{step:06d}.pt" for rate in ema_rates] + [f"model{step:06d}.pt", f"opt{step:06d}.pt"]
@@ -80,6 +95,26 @@ def complete_steps(run_dir, ema_rates):
     names = set(bf.listdir(run_dir))
     steps = sorted(int(m.group(1)) for m in map(MODEL_RE.match, names) if m)
     return [s for s in steps if all(bf.basename(p) in names for p in step_files(run_dir, s, ema_rates))]
+
+
+def read_step(run_dir, step, ema_rates):
+    """(model state, EMA states, optimizer state, schedule sampler state, fp16 loss scaler state or
+    None, non-finite steps skipped before it) of a complete step.
+
+    Optimizer files are ours ({"optimizer", "step", ...}) or FDM's (the optimizer's bare
+    state_dict, written by FDM's train_util.TrainLoop.save); model and EMA files have the
+    same {"config", "state_dict", "step"} layout in both. Raises CheckpointError.
+    """
+    *ema_files, model_file, opt_file = step_files(run_dir, step, ema_rates)
+    states = [read_model_checkpoint(path)["state_dict"] for path in [model_file, *ema_files]]
+    opt = read_checkpoint_file(opt_file)
+    if isinstance(opt, dict) and "optimizer" in opt:
+        return (states[0], states[1:], opt["optimizer"], opt.get("schedule_sampler"), opt.get("grad_scaler"),
+                int(opt.get("nonfinite_skipped", 0)))
+    if isinstance(opt, dict) and {"state", "param_groups"} <= set(opt):
+        return states[0], states[1:], opt, None, None, 0
+    raise CheckpointError(f"'{opt_file}' is not an optimizer checkpoint: it has neither 'optimizer' "
+                          f"nor 'state' and 'param_groups'.")
 
 
 def model_files_newest_first(run_dir):

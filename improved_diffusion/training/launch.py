@@ -31,7 +31,8 @@ from ..models import ModelConfig, create_model, parse_channel_mult
 from ..sampling.mcmc import MCMCStats
 from ..sampling.sampler import preview_rollout
 from . import checkpoint_io
-from .train_loop import Preempted, TrainConfig, TrainLoop, parse_ema_rates
+from .config import TrainConfig, parse_ema_rates
+from .train_loop import Preempted, TrainLoop
 from .validation import SampleEvaluation, make_validation
 
 # Flags a resumed run takes from the command line (when given); every other one comes from the run.
@@ -205,6 +206,28 @@ def make_preview(train_cfg, model_cfg, diffusion_cfg, run_dir, logger):
     return preview
 
 
+def read_weights(train_cfg, steps):
+    """--resume_checkpoint's checkpoint, for a new run (or its restart) from given weights; otherwise None."""
+    if not train_cfg.resume_checkpoint or steps:
+        return None
+    try:
+        return read_model_checkpoint(train_cfg.resume_checkpoint)
+    except CheckpointError as e:
+        raise CheckpointError(f"--resume_checkpoint: {e}") from None
+
+
+def load_weights(model, weights, path):
+    """Put the checkpoint `weights` read from `path` (or None) into `model`; returns its step (0 for None)."""
+    if weights is None:
+        return 0
+    try:
+        model.load_state_dict(weights["state_dict"])
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[0]
+        raise CheckpointError(f"--resume_checkpoint {path} does not fit this model: {first}") from None
+    return int(weights.get("step", 0))
+
+
 def train(args, default_of):
     """Train as scripts/video_train.py's flags `args` say; `default_of(flag)` is the flag's default
     (a resumed run takes only the housekeeping flags that differ from it)."""
@@ -221,12 +244,7 @@ def train(args, default_of):
     run_dir = checkpoint_io.bf.join(train_cfg.checkpoint_dir, run_id)
     if rank == 0:
         check_checkpoint_dir(run_dir)
-    weights = None
-    if train_cfg.resume_checkpoint and not steps:  # a new run (or its restart) from given weights
-        try:
-            weights = read_model_checkpoint(train_cfg.resume_checkpoint)
-        except CheckpointError as e:
-            raise CheckpointError(f"--resume_checkpoint: {e}") from None
+    weights = read_weights(train_cfg, steps)
     if saved is not None and saved.get("world_size", world_size) != world_size and rank == 0:
         print(f"run {run_id} was trained with {saved['world_size']} processes and continues with {world_size}: "
               f"the effective batch changes", file=sys.stderr)
@@ -244,15 +262,7 @@ def train(args, default_of):
     torch.manual_seed(train_cfg.seed)  # the same initial weights on every rank and in every run
     model = create_model(model_cfg, diffusion_cfg.learn_sigma).to(dist_util.dev())
     diffusion = create_diffusion(diffusion_cfg, timestep_respacing="")
-    start_step = 0
-    if weights is not None:
-        try:
-            model.load_state_dict(weights["state_dict"])
-        except RuntimeError as e:
-            first = str(e).strip().splitlines()[0]
-            raise CheckpointError(f"--resume_checkpoint {train_cfg.resume_checkpoint} does not fit this model: "
-                                  f"{first}") from None
-        start_step = int(weights.get("step", 0))
+    start_step = load_weights(model, weights, train_cfg.resume_checkpoint)
 
     if rank == 0:  # only rank 0 writes files
         checkpoint_io.remove_stale_temporaries(run_dir)

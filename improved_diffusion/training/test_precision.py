@@ -24,7 +24,9 @@ import torch
 
 from improved_diffusion.checkpoints import read_checkpoint_file
 from improved_diffusion.errors import ConfigError, TrainingError
-from improved_diffusion.training import train_loop
+from improved_diffusion.training import gradients, train_loop
+from improved_diffusion.training.config import TrainConfig
+from improved_diffusion.training.gradients import grad_scaler
 from improved_diffusion.training.test_train_loop import (
     TINY,
     flat,
@@ -32,7 +34,7 @@ from improved_diffusion.training.test_train_loop import (
     script_env,
     tiny_loop,
 )
-from improved_diffusion.training.train_loop import TrainConfig, TrainLoop, grad_scaler
+from improved_diffusion.training.train_loop import TrainLoop
 
 REPO = Path(__file__).resolve().parents[2]
 MPIEXEC = Path(sys.executable).parent / "mpiexec"
@@ -187,7 +189,7 @@ def test_fp16_stops_when_no_loss_scale_makes_the_gradients_finite(tmp_path, monk
     loop = tiny_loop(tmp_path, monkeypatch, image_size=8, batch_size=1, precision="fp16")
     loop.params[0].register_hook(lambda g: g * float("nan"))
     # As a resumed run that has halved its scale many times: the next overflow takes it below MIN_LOSS_SCALE.
-    loop.scaler.load_state_dict({**loop.scaler.state_dict(), "scale": train_loop.MIN_LOSS_SCALE})
+    loop.scaler.load_state_dict({**loop.scaler.state_dict(), "scale": gradients.MIN_LOSS_SCALE})
     with pytest.raises(TrainingError, match="fp16 gradients stayed non-finite down to loss scale"):
         loop.run_step()
 

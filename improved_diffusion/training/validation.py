@@ -1,9 +1,9 @@
-"""What a run measures on held-out test videos while it trains, and the figures --keep_best can track.
+"""What a run measures on held-out test videos while it trains, and the checks of the measurement flags.
 
 Validation (--val_interval N, --val_videos k): a fixed set of k test clips of the run's dataset,
 each with fixed frame masks, timesteps and noise, and the EMA model's diffusion loss on them:
 `val_loss`, overall and per quarter of the timestep range (`val_loss_q0..q3`, the rule of the
-training loss's quarters). The examples are made by the training code itself (train_loop's
+training loss's quarters). The examples are made by the training code itself (batches.py's
 `training_batch` and `example_losses`: the same masks, padding frames, noise modes and loss
 weights), but from generators keyed by the clip alone, never by the step, the rank or the training
 seed, with uniform timesteps (a loss-aware schedule sampler's distribution moves during training).
@@ -23,7 +23,7 @@ as eval_<metric>; the samples and metrics.json go to <run dir>/evals/step<step>/
 videos to wandb. Rank 0 alone evaluates.
 
 TrainLoop runs both on a copy of the EMA model and restores every global RNG state afterwards,
-so neither changes the training run.
+so neither changes the training run. keep_best.py lists the figures --keep_best can track.
 """
 
 import json
@@ -37,21 +37,23 @@ from .. import dist_util
 from ..data import cue_recall as cue
 from ..data.datasets import DATASETS, default_T, get_dataset
 from ..data.pixels import to_uint8
-from ..errors import CheckpointError, ConfigError, UserError
+from ..diffusion.respace import space_timesteps
+from ..errors import ConfigError, UserError
 from ..evaluation import action_following as following
 from ..evaluation import on_manifold as manifold
-from ..evaluation.evaluate import HIGHER_IS_BETTER, compute_metrics, load_detector
+from ..evaluation.evaluate import compute_metrics, load_detector
+from ..sampling.guidance import Conditions
+from ..sampling.request import SchemeRequest, scheme_for_checkpoint
+from ..sampling.sampler import sample_with_scheme, video_generator
+from ..sampling.scheme import PRESETS
 from . import checkpoint_io
-from .train_loop import example_losses, generators_of, timestep_quarters, training_batch
+from .batches import example_losses, timestep_quarters, training_batch
+from .keep_best import EVAL_FIGURES, VAL_FIGURES, figure_direction
+from .randomness import generators_of
 
 # A validation clip's generators come from (VALIDATION_KEY, clip index, VALIDATION_KEY): training
 # examples are keyed (seed, step, example index), and no seed is this 56-bit number.
 VALIDATION_KEY = 0x76616C69646174
-VAL_FIGURES = ("val_loss", "val_loss_q0", "val_loss_q1", "val_loss_q2", "val_loss_q3")
-# Evaluation figures: eval_<name of compute_metrics' overall value>, and where each applies.
-EVAL_FIGURES = {"eval_psnr": None, "eval_ssim": None, "eval_fvd": None, "eval_cue_recall": ("cue_recall",),
-                "eval_on_manifold_last_quarter": manifold.DATASETS, "eval_time_to_drift": manifold.DATASETS,
-                "eval_action_following": (following.DATASET,)}
 EVAL_SEED = 0  # the sampling noise of evaluations: video_sample.py's default seed
 
 
@@ -172,10 +174,6 @@ class SampleEvaluation:
         """The run's evaluation (None with --eval_interval 0); every flag is checked and the test videos read."""
         if train_cfg.eval_interval <= 0:
             return None
-        from ..diffusion.respace import space_timesteps
-        from ..sampling.run import scheme_for_checkpoint  # sampling is only needed when evaluating
-        from ..sampling.scheme import PRESETS
-
         K, name = train_cfg.max_frames, train_cfg.eval_scheme
         T = train_cfg.eval_T if train_cfg.eval_T != -1 else min(2 * K, train_cfg.T)
         if train_cfg.dataset in DATASETS and DATASETS[train_cfg.dataset].T is not None:
@@ -196,8 +194,8 @@ class SampleEvaluation:
                               f"({str(e).rstrip('.')}).") from None
         config = {**vars(train_cfg), **vars(model_cfg), **vars(diffusion_cfg)}
         try:
-            scheme = scheme_for_checkpoint(config, name, T=T, use_ddim=True,
-                                           timestep_respacing=train_cfg.eval_respacing)
+            request = SchemeRequest(name, T=T, timestep_respacing=train_cfg.eval_respacing)
+            scheme = scheme_for_checkpoint(config, request.with_settings(use_ddim=True))
         except UserError as e:
             raise ConfigError(f"--eval_scheme {name} cannot sample --eval_T {T} frames with --max_frames {K} and "
                               f"--eval_respacing '{train_cfg.eval_respacing}': {str(e).rstrip('.')}.") from None
@@ -238,9 +236,6 @@ class SampleEvaluation:
 
     def sample(self, model):
         """uint8 [k x T x C x H x W]: each test video continued from its first n_obs frames by `model`."""
-        from ..sampling.guidance import Conditions
-        from ..sampling.sampler import sample_with_scheme, video_generator
-
         device = next(model.parameters()).device
         n_obs = self.scheme.n_obs
         out = []
@@ -286,23 +281,11 @@ def video_grid(samples, truth, columns=4):
     return np.concatenate([top, bottom], axis=-2)
 
 
-# ----------------------------------------------------------------------------- the figures --keep_best tracks
-
-
-def figure_direction(figure):
-    """'lower' or 'higher': which way `figure` improves; ConfigError for a figure no measurement gives."""
-    if figure in VAL_FIGURES:
-        return "lower"
-    if figure in EVAL_FIGURES:
-        return "higher" if HIGHER_IS_BETTER[figure[len("eval_"):]] else "lower"
-    raise ConfigError(f"--keep_best {figure} is not a figure a run measures; choose one of "
-                      f"{', '.join(VAL_FIGURES + tuple(EVAL_FIGURES))}.")
+# ----------------------------------------------------------------------------- the measurement flags
 
 
 def check_measurements(cfg):
     """Raise ConfigError for measurement flags of TrainConfig `cfg` that cannot work (cheap: no files read)."""
-    from ..sampling.scheme import PRESETS
-
     if cfg.eval_scheme not in PRESETS:
         raise ConfigError(f"--eval_scheme {cfg.eval_scheme} is not a sampling scheme; valid names are "
                           f"{', '.join(PRESETS)}.")
@@ -320,21 +303,3 @@ def check_measurements(cfg):
         if datasets is not None and cfg.dataset not in datasets:
             raise ConfigError(f"--keep_best {cfg.keep_best} is measured on the {' and '.join(datasets)} "
                               f"dataset{'s' if len(datasets) > 1 else ''} only, not on '{cfg.dataset}'.")
-
-
-def read_best(path, logger=None):
-    """(value, step) of the best checkpoint file `path` (best_<figure>.pt), or None when there is none.
-
-    An unreadable file counts as none (with a note): the next measurement then writes a new one.
-    """
-    if not checkpoint_io.bf.exists(path):
-        return None
-    from ..checkpoints import read_checkpoint_file
-
-    try:
-        saved = read_checkpoint_file(path)
-        return float(saved["value"]), int(saved["step"])
-    except (CheckpointError, KeyError, TypeError, ValueError) as e:
-        if logger is not None:
-            logger.info(f"ignoring the best checkpoint {path}, which cannot be read ({e})")
-        return None
