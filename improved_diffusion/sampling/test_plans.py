@@ -16,6 +16,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from improved_diffusion.sampling import adaptive_choice
 from improved_diffusion.sampling import plans as ss
 from improved_diffusion.sampling.plans import (
     ADAPTIVE_PLANS,
@@ -196,7 +197,7 @@ def test_adaptive_plans_name_a_counterpart_with_the_same_latents(name):
     counterpart = sampling_schemes[name].counterpart()
     assert not sampling_schemes[counterpart].adaptive and sampling_schemes[name].adaptive
     plan = sampling_schemes[name](video_length=20, num_obs=2, max_frames=6, step_size=3,
-                                  embedder=ss.pixel_embedding)
+                                  embedder=adaptive_choice.pixel_embedding)
     videos = _videos(2, 20)
     latents = []
     while (stage := plan.next_stage(videos)) is not None:
@@ -332,7 +333,7 @@ def test_embedding_name_is_known_before_the_first_stage(monkeypatch):
 def test_pixel_embedding_is_a_scaled_area_average_thumbnail():
     frames = _videos(1, 2, C=3, size=16)[0]
     thumbs = frames.reshape(2, 3, 8, 2, 8, 2).mean(dim=(3, 5))  # 2x2 blocks, by hand
-    emb = ss.pixel_embedding(frames)
+    emb = adaptive_choice.pixel_embedding(frames)
     assert emb.shape == (2, 192)
     assert torch.allclose(emb, thumbs.flatten(1) / 192**0.5, atol=1e-6)
     # squared distance between embeddings = mean squared difference of the thumbnails
@@ -414,7 +415,7 @@ def test_adaptive_uses_lpips_when_available(monkeypatch, caplog):
     monkeypatch.setitem(sys.modules, "lpips", fake)
     scheme = sampling_schemes["adaptive-hierarchy-2"](video_length=12, num_obs=2, max_frames=6, step_size=3)
     scheme.set_videos(_videos(1, 12))
-    with caplog.at_level("INFO", logger=ss.__name__):
+    with caplog.at_level("INFO", logger=adaptive_choice.__name__):
         next(scheme)
     assert scheme.embedding_name == "lpips-alex"
     assert caplog.messages[-1] == "adaptive-hierarchy-2 ranks frames by LPIPS (AlexNet) distance."
@@ -516,7 +517,7 @@ def test_adaptive_plan_invariants(name):
         T, n_obs, K, S = data.draw(plan_args(name, max_T=30))
         seed = data.draw(st.integers(0, 2**16))
         scheme = sampling_schemes[name](video_length=T, num_obs=n_obs, max_frames=K, step_size=S,
-                                        embedder=ss.pixel_embedding)
+                                        embedder=adaptive_choice.pixel_embedding)
         videos = _videos(2, T, seed)
         per_video = [[], []]
 
