@@ -202,77 +202,14 @@ def compute_metrics(samples, truth, n_obs, metrics, dataset=None, i3d_path=None,
     """
     t = truth.shape[1]
     frames = samples[:, :t]
-    generated = slice(n_obs, t) if n_obs < t else slice(0, t)
     result = dict(per_frame={}, overall={}, skipped={}, details={})
-    carla_scores = None
+    run = dict(n_obs=n_obs, dataset=dataset, i3d_path=i3d_path, lpips_model=lpips_model, detector=detector,
+               carla=carla, fvd_batch_size=fvd_batch_size, actions=actions, tolerance=on_manifold_tolerance,
+               carla_scores=None)  # one CARLA regression serves both of its metrics
     for name in metrics:
+        family = "per_frame" if name in PER_FRAME_METRICS else "carla" if name in CARLA_METRICS else name
         try:
-            if name in PER_FRAME_METRICS:
-                if name == "psnr":
-                    values = psnr(frames, truth)
-                elif name == "ssim":
-                    values = ssim(frames, truth)
-                else:
-                    model = load_lpips() if lpips_model is None else lpips_model
-                    values = lpips_distance(frames, truth, model=model)
-                result["per_frame"][name] = [_mean(values[:, f]) for f in range(t)]
-                result["overall"][name] = _mean(values[:, generated])
-            elif name == "fvd":
-                if detector is None:
-                    detector = load_detector(i3d_path) if i3d_path else None
-                result["overall"]["fvd"], result["details"]["fvd"] = _fvd(frames, truth, i3d_path, detector,
-                                                                          fvd_batch_size)
-            elif name == "cue_recall":
-                if dataset != "cue_recall":
-                    raise MetricUnavailable(f"cue recall skipped: it applies to the cue_recall dataset, "
-                                            f"not {dataset!r}.")
-                if t <= cue.CUE_RETURN:
-                    raise MetricUnavailable(f"cue recall skipped: videos must be longer than {cue.CUE_RETURN} frames "
-                                            f"for the cue to return, got {t}.")
-                scores = cue.cue_recall(frames)
-                result["overall"]["cue_recall"] = scores["recall"]
-                # Timing (does the cue come back at all?) and memory (its colour, when it does) apart,
-                # so that tables and their spread over runs show both; None when no video shows the cue.
-                result["overall"]["cue_shown"] = scores["shown"]
-                result["overall"]["cue_recall_when_shown"] = scores["recall_when_shown"]
-                result["details"]["cue_recall"] = dict(chance=scores["chance"], shown=scores["shown"],
-                                                       recall_when_shown=scores["recall_when_shown"],
-                                                       matches=scores["matches"],
-                                                       ground_truth_recall=cue.cue_recall(truth)["recall"])
-            elif name == "on_manifold":
-                if dataset not in manifold.DATASETS:
-                    raise EvalError(ON_MANIFOLD_ONLY.format(" and ".join(manifold.DATASETS), dataset))
-                scores = manifold.on_manifold(frames, dataset, truth, min(n_obs, t), on_manifold_tolerance)
-                result["per_frame"]["on_manifold"] = scores.pop("per_frame")
-                result["overall"]["on_manifold_last_quarter"] = scores["last_quarter_fraction"]
-                result["overall"]["time_to_drift"] = scores["median_time_to_drift"]
-                result["details"]["on_manifold"] = scores
-            elif name == "action_following":
-                if dataset != following.DATASET:
-                    raise EvalError(ACTION_FOLLOWING_ONLY.format(following.DATASET, dataset))
-                if actions is None:
-                    raise EvalError("action_following needs the actions the samples were driven by.")
-                first = max(min(n_obs, t) - 1, 0)  # the first move into a generated frame
-                if first >= t - 1:
-                    raise MetricUnavailable(f"action_following skipped: no generated move in {t} frames.")
-                scores = following.action_following(frames, actions, first=first)
-                result["overall"]["action_following"] = scores["score"]
-                result["details"]["action_following"] = dict(
-                    chance=scores["chance"], found=scores["found"], n_transitions=scores["n_transitions"],
-                    first_transition=first, per_video=scores["per_video"], ground_truth=following.action_following(truth, actions,
-                                                                                    first=first)["score"])
-            elif name in CARLA_METRICS:
-                if carla is None:
-                    raise EvalError(CARLA_NEEDS_MODELS)
-                if dataset != CARLA_DATASET or carla[2] is None:
-                    raise MetricUnavailable(f"{name} skipped: it applies to the {CARLA_DATASET} dataset, "
-                                            f"not {dataset!r}.")
-                if carla_scores is None:  # one regression serves both metrics
-                    carla_scores = carla_coords.carla_metrics_of_videos(frames, truth, *carla)
-                result["overall"][name] = carla_scores[name]
-                result["details"][name] = (dict(n_videos=carla_scores["n_videos"], frame=t - 1) if name == "wd" else
-                                           dict(po_final=carla_scores["po_final"],
-                                                threshold_m=carla_scores["threshold"]))
+            METRIC_FAMILIES[family](result, name, frames, truth, run)
         except MetricUnavailable as e:
             result["skipped"][name] = str(e)
         except RuntimeError as e:  # LPIPS's network refusing frames (e.g. too small for its layers)
@@ -282,6 +219,93 @@ def compute_metrics(samples, truth, n_obs, metrics, dataset=None, i3d_path=None,
         except ValueError as e:  # e.g. frames too small for SSIM's window, or not RGB for the CARLA networks
             result["skipped"][name] = f"{name} skipped: {e}"
     return result
+
+
+def _per_frame_metric(result, name, frames, truth, run):
+    """PSNR, SSIM or LPIPS per frame, and its mean over the generated frames (all frames when none is)."""
+    t = truth.shape[1]
+    if name == "psnr":
+        values = psnr(frames, truth)
+    elif name == "ssim":
+        values = ssim(frames, truth)
+    else:
+        values = lpips_distance(frames, truth, model=load_lpips() if run["lpips_model"] is None else run["lpips_model"])
+    generated = slice(run["n_obs"], t) if run["n_obs"] < t else slice(0, t)
+    result["per_frame"][name] = [_mean(values[:, f]) for f in range(t)]
+    result["overall"][name] = _mean(values[:, generated])
+
+
+def _fvd_metric(result, name, frames, truth, run):
+    if run["detector"] is None:
+        run["detector"] = load_detector(run["i3d_path"]) if run["i3d_path"] else None
+    result["overall"]["fvd"], result["details"]["fvd"] = _fvd(frames, truth, run["i3d_path"], run["detector"],
+                                                              run["fvd_batch_size"])
+
+
+def _cue_recall_metric(result, name, frames, truth, run):
+    t = truth.shape[1]
+    if run["dataset"] != "cue_recall":
+        raise MetricUnavailable(f"cue recall skipped: it applies to the cue_recall dataset, not {run['dataset']!r}.")
+    if t <= cue.CUE_RETURN:
+        raise MetricUnavailable(f"cue recall skipped: videos must be longer than {cue.CUE_RETURN} frames "
+                                f"for the cue to return, got {t}.")
+    scores = cue.cue_recall(frames)
+    result["overall"]["cue_recall"] = scores["recall"]
+    # Timing (does the cue come back at all?) and memory (its colour, when it does) apart,
+    # so that tables and their spread over runs show both; None when no video shows the cue.
+    result["overall"]["cue_shown"] = scores["shown"]
+    result["overall"]["cue_recall_when_shown"] = scores["recall_when_shown"]
+    result["details"]["cue_recall"] = dict(chance=scores["chance"], shown=scores["shown"],
+                                           recall_when_shown=scores["recall_when_shown"],
+                                           matches=scores["matches"],
+                                           ground_truth_recall=cue.cue_recall(truth)["recall"])
+
+
+def _on_manifold_metric(result, name, frames, truth, run):
+    dataset = run["dataset"]
+    if dataset not in manifold.DATASETS:
+        raise EvalError(ON_MANIFOLD_ONLY.format(" and ".join(manifold.DATASETS), dataset))
+    scores = manifold.on_manifold(frames, dataset, truth, min(run["n_obs"], truth.shape[1]), run["tolerance"])
+    result["per_frame"]["on_manifold"] = scores.pop("per_frame")
+    result["overall"]["on_manifold_last_quarter"] = scores["last_quarter_fraction"]
+    result["overall"]["time_to_drift"] = scores["median_time_to_drift"]
+    result["details"]["on_manifold"] = scores
+
+
+def _action_following_metric(result, name, frames, truth, run):
+    t, actions = truth.shape[1], run["actions"]
+    if run["dataset"] != following.DATASET:
+        raise EvalError(ACTION_FOLLOWING_ONLY.format(following.DATASET, run["dataset"]))
+    if actions is None:
+        raise EvalError("action_following needs the actions the samples were driven by.")
+    first = max(min(run["n_obs"], t) - 1, 0)  # the first move into a generated frame
+    if first >= t - 1:
+        raise MetricUnavailable(f"action_following skipped: no generated move in {t} frames.")
+    scores = following.action_following(frames, actions, first=first)
+    result["overall"]["action_following"] = scores["score"]
+    result["details"]["action_following"] = dict(
+        chance=scores["chance"], found=scores["found"], n_transitions=scores["n_transitions"],
+        first_transition=first, per_video=scores["per_video"],
+        ground_truth=following.action_following(truth, actions, first=first)["score"])
+
+
+def _carla_metric(result, name, frames, truth, run):
+    carla, dataset = run["carla"], run["dataset"]
+    if carla is None:
+        raise EvalError(CARLA_NEEDS_MODELS)
+    if dataset != CARLA_DATASET or carla[2] is None:
+        raise MetricUnavailable(f"{name} skipped: it applies to the {CARLA_DATASET} dataset, not {dataset!r}.")
+    if run["carla_scores"] is None:
+        run["carla_scores"] = carla_coords.carla_metrics_of_videos(frames, truth, *carla)
+    scores = run["carla_scores"]
+    result["overall"][name] = scores[name]
+    result["details"][name] = (dict(n_videos=scores["n_videos"], frame=truth.shape[1] - 1) if name == "wd" else
+                               dict(po_final=scores["po_final"], threshold_m=scores["threshold"]))
+
+
+METRIC_FAMILIES = {"per_frame": _per_frame_metric, "fvd": _fvd_metric, "cue_recall": _cue_recall_metric,
+                   "on_manifold": _on_manifold_metric, "action_following": _action_following_metric,
+                   "carla": _carla_metric}
 
 
 def _fvd(frames, truth, i3d_path, detector, batch_size=8):
