@@ -299,7 +299,28 @@ def build_report(out_dir, schemes, results, runs, settings):
     blocks.append(("p", f"Dataset {first['dataset']}; {first['n_videos']} test videos per scheme; "
                         f"overall values of per-frame metrics are means over the {first['overall_frames']}. "
                         "Bold: the best value of a column."))
+    table, metric_names = results_table(out_dir, schemes, results, runs)
+    blocks.append(table)
+    blocks += table_notes(schemes, results, metric_names, with_gradients="grad evals / video" in table[1],
+                          with_mcmc="MCMC acceptance" in table[1])
+    skipped = {m: reason for s in schemes for m, reason in results[s]["skipped"].items()}
+    notes = list(dict.fromkeys(n for s in schemes for n in results[s]["notes"]))
+    if skipped or notes:
+        blocks.append(("h2", "Notes"))
+        blocks += [("p", text) for text in list(skipped.values()) + notes]
+    blocks += per_frame_plots(out_dir, schemes, results, n_obs=first["n_obs"])
+    for s in schemes:
+        pictures = draw_scheme_pictures(os.path.join(out_dir, scheme_folder(s)))
+        blocks.append(("h2", f"Scheme {s}"))
+        if pictures["plan"]:
+            blocks.append(("img", os.path.relpath(pictures["plan"], out_dir), f"plan of {s}"))
+        blocks.append(("img", os.path.relpath(pictures["strip"], out_dir), f"frames of {s}"))
+        blocks += [("p", note) for note in pictures["notes"]]
+    return blocks
 
+
+def results_table(out_dir, schemes, results, runs):
+    """(the ("table", header, rows) block of metrics and costs per scheme, the metric names in it)."""
     metric_names = list(dict.fromkeys(m for s in schemes for m in results[s]["overall"]))
     header = ["scheme", "plan", "scheduling matrix", *metric_names, "videos", "sampling s", "s / video", "NFE / video"]
     mcmc = {s: mcmc_summary(os.path.join(out_dir, scheme_folder(s))) for s in schemes}
@@ -333,7 +354,12 @@ def build_report(out_dir, schemes, results, runs, settings):
         if with_mcmc:
             cells.append(format_value(mcmc[s]["acceptance_rate"]) if mcmc[s] else "-")
         rows.append(cells)
-    blocks.append(("table", header, rows))
+    return ("table", header, rows), metric_names
+
+
+def table_notes(schemes, results, metric_names, with_gradients, with_mcmc):
+    """The paragraphs that say what the table's less obvious columns measure."""
+    blocks = []
     if "time_to_drift" in metric_names:
         details = next(results[s]["details"]["on_manifold"] for s in schemes if "on_manifold" in results[s]["details"])
         frames = details["last_quarter_frames"]
@@ -357,16 +383,15 @@ def build_report(out_dir, schemes, results, runs, settings):
                            if with_gradients else "")
                         + (" MCMC acceptance: accepted over proposed frame steps of the MCMC refinement."
                            if with_mcmc else "")))
+    return blocks
 
-    skipped = {m: reason for s in schemes for m, reason in results[s]["skipped"].items()}
-    notes = list(dict.fromkeys(n for s in schemes for n in results[s]["notes"]))
-    if skipped or notes:
-        blocks.append(("h2", "Notes"))
-        blocks += [("p", text) for text in list(skipped.values()) + notes]
 
+def per_frame_plots(out_dir, schemes, results, n_obs):
+    """One plot per per-frame metric (a line per scheme) under <out_dir>/plots/, as report blocks."""
     plot_dir = os.path.join(out_dir, "plots")
     os.makedirs(plot_dir, exist_ok=True)
     per_frame = list(dict.fromkeys(m for s in schemes for m in results[s]["per_frame"]))
+    blocks = []
     if per_frame:
         blocks.append(("h2", "Metrics per frame"))
         blocks.append(("p", "Mean over videos of each frame's value; shaded: the observed frames."
@@ -375,16 +400,8 @@ def build_report(out_dir, schemes, results, runs, settings):
     for m in per_frame:
         path = os.path.join(plot_dir, f"{m}.png")
         series = {s: results[s]["per_frame"][m] for s in schemes if m in results[s]["per_frame"]}
-        plot_per_frame(series, path, title=f"{m} per frame", ylabel=m, n_obs=first["n_obs"])
+        plot_per_frame(series, path, title=f"{m} per frame", ylabel=m, n_obs=n_obs)
         blocks.append(("img", os.path.relpath(path, out_dir), f"{m} per frame"))
-
-    for s in schemes:
-        pictures = draw_scheme_pictures(os.path.join(out_dir, scheme_folder(s)))
-        blocks.append(("h2", f"Scheme {s}"))
-        if pictures["plan"]:
-            blocks.append(("img", os.path.relpath(pictures["plan"], out_dir), f"plan of {s}"))
-        blocks.append(("img", os.path.relpath(pictures["strip"], out_dir), f"frames of {s}"))
-        blocks += [("p", note) for note in pictures["notes"]]
     return blocks
 
 
