@@ -1,6 +1,7 @@
 """Sampling long videos: frame plans (FDM) x within-stage noise schedules (DF) x stabilization.
 
     plans.py              frame plans: which frames to observe and generate, stage by stage
+    adaptive_choice.py    how adaptive plans choose observed frames (LPIPS or thumbnails, farthest first)
     noise_schedules.py    within-stage noise-level matrices (the scheduling matrix)
     settings.py           StageSettings: every within-stage setting, declared once (flags, specs, names, JSON)
     scheme.py             Scheme: one plan x stage settings, its presets, checks and JSON
