@@ -4,7 +4,7 @@ Weights, optimizer state, EMAs and checkpoints always stay float32; `--precision
 runs the network's matmuls and convolutions in 16 bits through `torch.autocast`, and every
 model output is handed back as float32 so the diffusion arithmetic (posterior means, variances,
 losses) never sees 16-bit numbers. fp16 has a narrow exponent range, so training in fp16 also
-scales the loss (`torch.amp.GradScaler`, see training/train_loop.py); bf16 does not need it.
+scales the loss (`torch.amp.GradScaler`, see training/gradients.py); bf16 does not need it.
 """
 
 import contextlib
