@@ -156,7 +156,8 @@ def test_skipping_steps_without_ddim_is_a_user_error():
     with pytest.raises(UserError, match="only DDIM"):
         sample_stage(spy, diffusion_with(respacing="4"), videos, [[0]], [[1, 2]], StageSettings(sampling_steps=2))
     for bad in (StageSettings(sampling_steps=5), StageSettings(scheduling_matrix="nope"),
-                StageSettings(scheduling_matrix="pyramid", uncertainty_scale=-1), StageSettings(stabilization_level=101)):
+                StageSettings(scheduling_matrix="pyramid", uncertainty_scale=-1),
+                StageSettings(stabilization_level=101)):
         with pytest.raises(UserError):
             sample_stage(spy, diffusion_with(respacing="4"), videos, [[0]], [[1, 2]], bad)
     assert spy.calls == []  # refused before any model call
