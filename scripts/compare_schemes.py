@@ -10,9 +10,10 @@ report.html show a table of metrics, wall time and network evaluations per schem
 plots (on bouncing_balls and cue_recall also the on-manifold curve, with the last-quarter on-manifold
 fraction and the median time to drift in the table), plan pictures and frame strips (improved_diffusion.evaluation.compare.compare_schemes). Every
 scheme gets the same n_obs (default max_frames - max_latent_frames), so all are conditioned on the
-same frames. --precision, --compile, --batch_invariant, --kv_cache, --guidance_scale, --actions and
---uncond are video_sample.py's. A scheme may carry its own settings, so one report can hold a scheme
-at several of them:
+same frames. --precision, --compile, --batch_invariant, --kv_cache, --actions and --uncond are
+video_sample.py's, and so is every stage setting (--guidance_scale, --stabilization_level,
+--scheduling_matrix, --use_ddim, ...): given here, it is every scheme's. A scheme may carry its own
+settings on top, so one report can hold a scheme at several of them:
 
     python scripts/compare_schemes.py <checkpoint> --T 80 \
         --schemes autoreg,stabilized-autoreg:stabilization_level=15,stabilized-autoreg:stabilization_level=50
