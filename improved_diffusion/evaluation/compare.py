@@ -27,7 +27,6 @@ import torch.distributed as dist
 from .. import dist_util
 from ..data.datasets import get_dataset
 from ..errors import ConfigError, UserError
-from ..precision import check_precision
 from ..sampling.condition_sources import sampling_conditions
 from ..sampling.request import SchemeRequest, checkpoint_config, sampler_defaults, scheme_for_checkpoint, size_flag
 from ..sampling.run import SampleOptions, check_folder, check_options, default_eval_dir, sample_dataset
