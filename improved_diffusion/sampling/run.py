@@ -68,6 +68,7 @@ MCMC_DIR = "mcmc"  # per-video MCMC counts, beside samples/
 
 
 def option(default, help, kind=None, **metadata):
+    """A SampleOptions field: its default, its flag's help and (for a default of None) its type."""
     return field(default=default, metadata={"help": help, "type": kind, **metadata})
 
 
@@ -98,7 +99,7 @@ class SampleOptions:
     kv_cache: Optional[bool] = option(None, "reuse the activations of unchanged earlier frames in a causal UNet "
                                             "(--causal True) instead of recomputing them at every denoising step; "
                                             "exact (default: on where the model supports it)", bool)
-    # a conditional checkpoint's conditions (CONDITIONS; condition_sources.py)
+    # a conditional checkpoint's conditions (condition_sources.py)
     actions: Optional[str] = option(None, "a .npy file of actions driving every video: T x D values or T integers "
                                           "(one-hot), at least --T of them (default: each test video's own actions)",
                                     str)
@@ -110,8 +111,7 @@ class SampleOptions:
         return {name: getattr(self, name) for name in MODEL_CALL}
 
 
-MODEL_CALL = ("batch_invariant", "precision", "compile", "kv_cache")
-CONDITIONS = ("actions", "label", "uncond")
+MODEL_CALL = ("batch_invariant", "precision", "compile", "kv_cache")  # the options prepare_model takes
 
 
 def default_eval_dir(checkpoint_path, config, folder):
