@@ -74,8 +74,9 @@ def test_batches_are_a_function_of_the_step_whatever_the_threads():
             assert torch.equal(videos, ref_videos) and torch.equal(actions, ref_actions)
 
 
-def _reader_threads():
-    return [t for t in threading.enumerate() if t.name.startswith("train_batches-")]
+def _reader_threads(besides=()):
+    """The prefetch threads alive now, but for `besides` (those of other tests' streams still in use)."""
+    return [t for t in threading.enumerate() if t.name.startswith("train_batches-") and t not in besides]
 
 
 class _RecordingDataset(VideoDataset):
@@ -96,6 +97,7 @@ class _RecordingDataset(VideoDataset):
 
 
 def test_prefetch_reads_ahead_and_stops_when_closed():
+    others = _reader_threads()
     dataset = _RecordingDataset(count=64)
     batches = train_batches(dataset, batch_size=2, seed=0, num_workers=2, prefetch=3)
     next(batches)
@@ -104,18 +106,19 @@ def test_prefetch_reads_ahead_and_stops_when_closed():
         time.sleep(0.01)
     time.sleep(0.2)
     assert len(dataset.read) == 2 * 4, "not exactly the next 3 batches were read while the consumer was busy"
-    assert _reader_threads()
+    assert _reader_threads(others)
     batches.close()
-    assert not _reader_threads()
+    assert not _reader_threads(others)
     # A generator dropped without close() stops its thread too.
     batches = train_batches(dataset, batch_size=2, seed=0)
     next(batches)
     del batches
     gc.collect()
-    assert not _reader_threads()
+    assert not _reader_threads(others)
 
 
 def test_prefetch_raises_a_read_error_at_its_step():
+    others = _reader_threads()
     dataset = _RecordingDataset(count=4, bad=2)
     order = [int(batch_plan(4, 1, seed=0, step=s)[0][0]) for s in range(4)]
     batches = train_batches(dataset, batch_size=1, seed=0, prefetch=2)
@@ -123,7 +126,7 @@ def test_prefetch_raises_a_read_error_at_its_step():
         assert video_ids(next(batches)) == [order[step]]
     with pytest.raises(DatasetError, match="Video 2 is broken"):
         next(batches)
-    assert not _reader_threads()
+    assert not _reader_threads(others)
 
 
 def test_too_many_ranks(tmp_path):
