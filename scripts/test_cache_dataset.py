@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from improved_diffusion.data.datasets import get_dataset, train_batches
+from improved_diffusion.data.batches import train_batches
+from improved_diffusion.data.datasets import get_dataset
 from improved_diffusion.data.test_datasets import write_mp4
 
 SCRIPT = Path(__file__).resolve().parent / "cache_dataset.py"

@@ -2,9 +2,8 @@
 The dataset registry: named datasets, and any folder of the user's own videos or cache folder.
 
 `get_dataset` builds one by name or path; every dataset hands out float32 [T x C x H x W] videos
-in [-1, 1], and `train_batches` (batches.py, importable from here too, as the data package's
-other entry point) turns one into an endless, sharded, exactly reproducible stream of
-[B x T x C x H x W] batches.
+in [-1, 1], and `train_batches` (batches.py, the data package's other entry point) turns one
+into an endless, sharded, exactly reproducible stream of [B x T x C x H x W] batches.
 
     name                    default T  size  on disk (under the data root, see `data_root`)
     ----------------------  ---------  ----  --------------------------------------------------
@@ -46,7 +45,6 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DatasetError
-from .batches import train_batches  # noqa: F401 - the data package's entry points are importable from here
 from .episodes import episode_dataset
 from .shard_cache import ShardDataset, cache_default_T, cache_image_size, cache_skips_frames, find_cache
 from .sources import FileDataset, ProceduralDataset

@@ -32,7 +32,7 @@ from ..diffusion import create_diffusion
 from ..errors import ConfigError, PlanError, ScheduleError
 from .noise_schedules import noise_levels
 from .plans import plan_stages, sampling_schemes, validate_plan_args
-from .settings import FIELDS, StageSettings, check_settings, folder_suffix, settings_from_dict
+from .settings import FIELDS, RENAMED, StageSettings, check_settings, folder_suffix, settings_from_dict
 
 
 @dataclass(frozen=True)
@@ -89,7 +89,7 @@ class Scheme:
         """
         if name not in PRESETS:
             raise PlanError(f"unknown sampling scheme {name!r}; valid names are {', '.join(PRESETS)}.")
-        unknown = set(settings) - set(FIELDS) - {"noise_schedule"}
+        unknown = set(settings) - set(FIELDS) - set(RENAMED)
         if unknown:
             raise TypeError(f"Scheme.from_preset got settings that do not exist: {', '.join(sorted(unknown))}")
         preset = PRESETS[name]

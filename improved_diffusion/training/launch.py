@@ -22,7 +22,8 @@ import torch
 
 from .. import dist_util
 from ..checkpoints import read_model_checkpoint
-from ..data.datasets import DATASETS, default_image_size, default_T, get_dataset, train_batches
+from ..data.batches import train_batches
+from ..data.datasets import DATASETS, default_image_size, default_T, get_dataset
 from ..diffusion import DiffusionConfig, create_diffusion
 from ..errors import CheckpointError, ConfigError
 from ..cli import dataclass_from_dict

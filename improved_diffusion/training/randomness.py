@@ -3,7 +3,7 @@
 Randomness is a pure function of the step, so a resumed run continues exactly where it stopped:
 
 - data: `data(step)` must be a pure function of (seed, step, rank), as
-  video_datasets.train_batches is;
+  data.batches.train_batches is;
 - frame masks, timesteps and noise: drawn per example from generators seeded with
   (seed, step, global example index), where rank r's local example j is global example
   r * batch_size + j. So N ranks with batch b see exactly the examples one rank with

@@ -234,11 +234,11 @@ def worker_main(argv):
     opts, train_args = parser.parse_known_args(argv)
     train_args = [a for a in train_args if a != "--"]
 
-    from improved_diffusion.data import datasets as video_datasets
+    from improved_diffusion.training import launch
     from improved_diffusion.training.train_loop import TrainLoop
 
     if opts.global_data:
-        video_datasets.train_batches = global_batches
+        launch.train_batches = global_batches  # what launch.train reads the training videos with
 
     run_step, run_loop = TrainLoop.run_step, TrainLoop.run
 

@@ -29,7 +29,8 @@ from improved_diffusion.training.config import TrainConfig
 from improved_diffusion.training.ema import update_ema
 from improved_diffusion.training.gradients import grads_finite
 from improved_diffusion.training.train_loop import TrainLoop
-from improved_diffusion.data.datasets import get_dataset, train_batches
+from improved_diffusion.data.batches import train_batches
+from improved_diffusion.data.datasets import get_dataset
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = ["--dataset", "bouncing_balls", "--image_size", "16", "--num_channels", "32", "--num_res_blocks", "1", "--channel_mult", "1,2", "--attention_resolutions", "8",
